@@ -1,0 +1,112 @@
+"""Fused kernels shared by the method scripts, with a plain PyTorch path everywhere else.
+
+Two ops, each differentiable and registered as a torch.library custom op (torch.compile keeps them
+as single graph nodes):
+
+    group_norm_act(x, weight, bias, num_groups, eps=1e-5, scale=None, shift=None, act="silu")
+        act(GroupNorm(x) * (1 + scale) + shift)    kernels/group_norm.py
+    attention(q, k, v, scale=None)
+        softmax(q k^T * scale) v, non-causal       kernels/flash_attention.py
+
+`kernels/reference.py` defines both in plain PyTorch; it is the specification and the fallback.
+
+Which path runs is chosen per call by the backend, `set_backend(name)` or the environment variable
+KERNELS_BACKEND (default "auto"):
+
+    "torch"   the PyTorch reference, always.
+    "auto"    Triton for CUDA tensors, the reference for everything else (so CPU training stays
+              fast even when the Triton interpreter is switched on).
+    "triton"  Triton for CUDA tensors, and for CPU tensors when TRITON_INTERPRET=1 was set before
+              this package was imported (how the tests run the kernels without a GPU).
+
+Whatever the backend, a call the kernels cannot serve falls back to the reference instead of
+failing: Triton not installed (e.g. macOS), CPU tensors without the interpreter, bf16 under the
+interpreter (it has no bf16), float64, empty tensors, a head dimension outside 16/32/64/128.
+"""
+
+import os
+
+import torch
+
+from . import reference
+
+try:
+    import triton
+except ImportError:
+    triton = None
+
+if triton is not None:
+    from . import flash_attention, group_norm
+
+BACKENDS = ("auto", "triton", "torch")
+
+# Triton decides at import time whether its kernels are compiled or interpreted on the CPU.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_HEAD_DIMS = (16, 32, 64, 128)
+
+
+def _checked(name, source):
+    if name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}; got {name!r}")
+    return name
+
+
+_backend = _checked(os.environ.get("KERNELS_BACKEND", "auto"), "KERNELS_BACKEND")
+
+
+def set_backend(name):
+    """Select "auto", "triton" or "torch" for every later call (see the module docstring)."""
+    global _backend
+    _backend = _checked(name, "kernels backend")
+
+
+def get_backend():
+    return _backend
+
+
+def _use_triton(t):
+    """Whether the Triton kernels can and should run on tensor t under the current backend."""
+    if _backend == "torch" or triton is None or t.dtype not in _KERNEL_DTYPES or t.numel() == 0:
+        return False
+    if t.is_cuda:
+        return True
+    return (_backend == "triton" and t.device.type == "cpu" and _INTERPRET
+            and t.dtype != torch.bfloat16)
+
+
+def group_norm_act(x, weight, bias, num_groups, eps=1e-5, scale=None, shift=None, act="silu"):
+    """act(GroupNorm(x) * (1 + scale) + shift), statistics in fp32, result in x's dtype.
+
+    x: (B, C, H, W) or (B, C, L); weight, bias: (C,) or None (no affine); scale, shift: (B, C) or
+    None, the per-sample modulation of improved-DDPM's AdaGN; act: "silu" or None.
+    """
+    if act not in ("silu", None):
+        raise ValueError(f"act must be 'silu' or None; got {act!r}")
+    if x.dim() < 2 or x.shape[1] % num_groups != 0:
+        raise ValueError(f"num_groups={num_groups} must divide the channels of x, shape {tuple(x.shape)}")
+    batch, channels = x.shape[:2]
+    for name, t, shape in (("weight", weight, (channels,)), ("bias", bias, (channels,)),
+                           ("scale", scale, (batch, channels)), ("shift", shift, (batch, channels))):
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} for x of shape {tuple(x.shape)}; "
+                             f"got {tuple(t.shape)}")
+    if _use_triton(x):
+        return group_norm.group_norm_act(x, weight, bias, num_groups, eps, scale, shift, act)
+    return reference.group_norm_act(x, weight, bias, num_groups, eps, scale, shift, act)
+
+
+def attention(q, k, v, scale=None):
+    """softmax(q k^T * scale) v for q: (B, heads, N_q, d), k, v: (B, heads, N_kv, d), non-causal.
+
+    scale defaults to d**-0.5. Any N; d in 16/32/64/128 runs the Triton kernel, other d the
+    reference.
+    """
+    kernel_fits = (
+        q.dim() == 4 and k.shape == v.shape and k.shape[:2] == q.shape[:2]
+        and q.shape[-1] == k.shape[-1] and q.shape[-1] in _HEAD_DIMS
+        and q.dtype == k.dtype == v.dtype and k.numel() > 0
+    )
+    if kernel_fits and _use_triton(q):
+        return flash_attention.attention(q, k, v, scale)
+    return reference.attention(q, k, v, scale)

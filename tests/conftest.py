@@ -1,0 +1,15 @@
+"""Shared pytest set-up. Runs before any test module is imported."""
+
+import os
+import sys
+
+import torch
+
+# Without a GPU, run the Triton kernels in Triton's CPU interpreter. Triton reads this when the
+# kernels are defined, so it must be set before anything imports triton (or `kernels`).
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+# The tests import the scripts (`import ddpm`) and `kernels` from the repository root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+

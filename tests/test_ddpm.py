@@ -1,0 +1,574 @@
+"""ddpm.py: the U-Net, the diffusion math against the papers' closed forms (float64), the samplers,
+training end to end (learning, exact resume, SWA, DDP, precision) and the sample command."""
+
+import glob
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ddpm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A configuration small enough for a 2-core CPU: 16x16 images, a two-level U-Net.
+TINY = ["--image_size", "16", "--base_channels", "32", "--channel_mults", "1,2",
+        "--num_res_blocks", "1", "--attention_resolutions", "8", "--batch_size", "4",
+        "--procedural_size", "32", "--num_samples", "4", "--sampling_steps", "4",
+        "--timesteps", "100", "--warmup_steps", "2"]
+
+
+def tiny_args(*extra):
+    args = ddpm.parse_args(TINY + list(extra))
+    args.num_classes = 0
+    return args
+
+
+def train_run(tmp_path, name, *extra):
+    out = str(tmp_path / name)
+    argv = TINY + ["--output_dir", out, "--max_steps", "2", "--save_every", "2",
+                   "--sample_every", "2"] + list(extra)
+    assert ddpm.main(argv) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 2-step class-conditional run on the built-in dataset (reused by the sampling tests)."""
+    return train_run(tmp_path_factory.mktemp("run"), "cond", "--class_conditional", "--swa",
+                     "--swa_start", "0")
+
+
+def randomize(model, seed=0):
+    """Give every parameter a random value (the untrained U-Net outputs exact zeros)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------
+# Model
+
+
+@pytest.mark.parametrize("extra, shape", [
+    ([], (2, 3, 16, 16)),
+    (["--image_size", "16x24"], (2, 3, 16, 24)),
+    (["--channel_mults", "1,2,2", "--attention_resolutions", "8,4"], (2, 3, 16, 16)),
+    (["--channel_mults", "1", "--attention_resolutions", ""], (1, 3, 16, 16)),
+    (["--num_res_blocks", "2", "--num_heads", "2", "--dropout", "0.1"], (3, 3, 16, 16)),
+])
+def test_unet_shapes(extra, shape):
+    args = tiny_args(*extra)
+    model = ddpm.build_model(args)
+    x = torch.randn(shape)
+    t = torch.randint(0, 100, (shape[0],))
+    assert model(x, t).shape == shape
+    # Zero-initialised output convolution: the untrained network predicts eps = 0 exactly.
+    assert torch.count_nonzero(model(x, t)) == 0
+    randomize(model)
+    out = model(x, t)
+    assert out.shape == shape and out.abs().mean() > 0
+
+
+def test_unet_attention_blocks_are_where_asked():
+    def count(args):
+        return sum(isinstance(m, ddpm.AttentionBlock) for m in ddpm.build_model(args).modules())
+    # One in the middle always; per level: num_res_blocks down + (num_res_blocks + 1) up.
+    assert count(tiny_args("--attention_resolutions", "")) == 1
+    assert count(tiny_args("--attention_resolutions", "8")) == 1 + 1 + 2
+    assert count(tiny_args("--attention_resolutions", "16,8")) == 1 + 2 * (1 + 2)
+
+
+def test_unet_conditions_on_time_and_class():
+    args = tiny_args()
+    args.num_classes = 3
+    model = randomize(ddpm.build_model(args)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    t = torch.tensor([5, 5])
+    base = model(x, t, torch.tensor([0, 0]))
+    assert not torch.allclose(base, model(x, torch.tensor([50, 50]), torch.tensor([0, 0])))
+    assert not torch.allclose(base, model(x, t, torch.tensor([1, 1])))
+    # y = None is the null label (index num_classes).
+    assert torch.allclose(model(x, t, None), model(x, t, torch.tensor([3, 3])))
+
+
+def test_label_dropout_replaces_labels_by_the_null_label_in_training_only():
+    args = tiny_args("--label_dropout", "0.5")
+    args.num_classes = 2
+    model = randomize(ddpm.build_model(args))
+    t, y = torch.zeros(4000, dtype=torch.long), torch.zeros(4000, dtype=torch.long)
+    null = model.class_emb.weight[2]
+    dropped = (model.train().embed(t, y) - model.time_mlp(ddpm.timestep_embedding(t, 32))
+               - null).abs().sum(1) < 1e-5
+    assert 0.45 < dropped.float().mean() < 0.55
+    dropped_eval = (model.eval().embed(t, y) - model.time_mlp(ddpm.timestep_embedding(t, 32))
+                    - null).abs().sum(1) < 1e-5
+    assert not dropped_eval.any()
+
+
+def test_timestep_embedding_formula():
+    t = torch.tensor([0.0, 3.0, 999.0])
+    emb = ddpm.timestep_embedding(t, 8)
+    freqs = [10000 ** (-i / 4) for i in range(4)]
+    expected = [[math.cos(v * f) for f in freqs] + [math.sin(v * f) for f in freqs] for v in t]
+    assert torch.allclose(emb, torch.tensor(expected), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Diffusion math
+
+
+def test_linear_schedule_endpoints_and_scaling():
+    betas = ddpm.make_beta_schedule("linear", 1000)
+    assert betas.dtype == torch.float64
+    assert betas[0].item() == pytest.approx(1e-4) and betas[-1].item() == pytest.approx(0.02)
+    short = ddpm.make_beta_schedule("linear", 250)
+    assert short[0].item() == pytest.approx(4e-4) and short[-1].item() == pytest.approx(0.08)
+
+
+def test_cosine_schedule_matches_its_alpha_bar():
+    T, s = 1000, 0.008
+    betas = ddpm.make_beta_schedule("cosine", T)
+    alpha_bar = torch.cumprod(1 - betas, 0)
+
+    def f(t):
+        return math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
+    for t in (0, 1, 250, 500, 900):
+        assert alpha_bar[t].item() == pytest.approx(f(t + 1) / f(0), rel=1e-9)
+    assert betas.max() <= 0.999 and betas.max() == pytest.approx(0.999)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_alpha_bar_decreases_from_one_to_zero(kind):
+    d = ddpm.GaussianDiffusion(ddpm.make_beta_schedule(kind, 1000))
+    ab = d.alphas_cumprod.double()
+    assert (ab[1:] < ab[:-1]).all()
+    assert 0.99 < ab[0] < 1 and ab[-1] < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_posterior_buffers_match_bayes_rule_in_float64(kind):
+    """q(x_{t-1} | x_t, x_0) ∝ q(x_t | x_{t-1}) q(x_{t-1} | x_0): the product of two Gaussians in
+    x_{t-1}, with precision alpha_t / beta_t + 1 / (1 - alpha_bar_{t-1}). Computed here from the
+    betas alone, independently of the closed forms (Ho et al. Eq. 7) the buffers use."""
+    betas = ddpm.make_beta_schedule(kind, 1000).numpy()
+    d = ddpm.GaussianDiffusion(torch.from_numpy(betas))
+    alphas = 1 - betas
+    ab = np.cumprod(alphas)
+    ab_prev = np.concatenate([[1.0], ab[:-1]])
+    t = np.arange(1, 1000)                                          # t = 0 has zero variance
+    precision = alphas[t] / betas[t] + 1 / (1 - ab_prev[t])
+    variance = 1 / precision
+    coef_xt = variance * np.sqrt(alphas[t]) / betas[t]
+    coef_x0 = variance * np.sqrt(ab_prev[t]) / (1 - ab_prev[t])
+    np.testing.assert_allclose(d.posterior_variance[t].double(), variance, rtol=1e-5)
+    np.testing.assert_allclose(d.posterior_mean_coef1[t].double(), coef_x0, rtol=1e-5)
+    np.testing.assert_allclose(d.posterior_mean_coef2[t].double(), coef_xt, rtol=1e-5)
+    np.testing.assert_allclose(d.posterior_log_variance_clipped[t].double(), np.log(variance),
+                               rtol=1e-5)
+    # At t = 0 the posterior is a point mass at x_0; the log-variance is clipped to t = 1's.
+    assert d.posterior_variance[0] == 0 and d.posterior_mean_coef1[0] == pytest.approx(1)
+    assert d.posterior_log_variance_clipped[0] == d.posterior_log_variance_clipped[1]
+    np.testing.assert_allclose(d.sqrt_alphas_cumprod.double(), np.sqrt(ab), rtol=1e-6)
+    np.testing.assert_allclose(d.sqrt_one_minus_alphas_cumprod.double(), np.sqrt(1 - ab),
+                               rtol=1e-5)
+    np.testing.assert_allclose(d.alphas_cumprod_prev.double(), ab_prev, rtol=1e-6)
+
+
+def test_q_sample_marginal_mean_and_variance():
+    d = ddpm.GaussianDiffusion(ddpm.make_beta_schedule("cosine", 1000))
+    torch.manual_seed(0)
+    x0 = torch.full((200_000, 1, 1, 1), 0.7)
+    for step in (0, 100, 500, 999):
+        t = torch.full((x0.shape[0],), step)
+        x_t = d.q_sample(x0, t, torch.randn_like(x0))
+        ab = d.alphas_cumprod[step].double().item()
+        assert x_t.mean().item() == pytest.approx(math.sqrt(ab) * 0.7, abs=5e-3)
+        assert x_t.var().item() == pytest.approx(1 - ab, abs=5e-3 + 0.01 * (1 - ab))
+
+
+def test_x0_and_eps_predictions_invert_q_sample():
+    d = ddpm.GaussianDiffusion(ddpm.make_beta_schedule("linear", 1000))
+    x0, noise = torch.rand(4, 3, 8, 8) * 2 - 1, torch.randn(4, 3, 8, 8)
+    t = torch.tensor([0, 10, 500, 999])
+    x_t = d.q_sample(x0, t, noise)
+    assert torch.allclose(d.predict_x0_from_eps(x_t, t, noise), x0, atol=2e-3)
+    assert torch.allclose(d.predict_eps_from_x0(x_t, t, x0), noise, atol=2e-3)
+
+
+def test_ddpm_step_equals_ddim_with_eta_one():
+    """With consecutive steps, DDIM at eta = 1 is the ancestral DDPM step (Song et al. Sec. 4.3)."""
+    d = ddpm.GaussianDiffusion(ddpm.make_beta_schedule("cosine", 1000))
+    torch.manual_seed(0)
+    x0, eps, z = torch.rand(3, 3, 4, 4) - 0.5, torch.randn(3, 3, 4, 4), torch.randn(3, 3, 4, 4)
+    for step in (1, 50, 400, 999):
+        t = torch.full((3,), step)
+        x_t = d.q_sample(x0, t, eps)
+        ancestral = d.p_sample_step(x_t, eps, t, z)
+        implicit = d.ddim_step(x_t, eps, step, step - 1, eta=1.0, noise=z)
+        assert torch.allclose(ancestral, implicit, atol=1e-4), step
+
+
+def test_ddim_eta_zero_ignores_noise_and_final_step_returns_x0():
+    d = ddpm.GaussianDiffusion(ddpm.make_beta_schedule("linear", 1000))
+    x0, eps = torch.rand(2, 3, 4, 4) - 0.5, torch.randn(2, 3, 4, 4)
+    x_t = d.q_sample(x0, torch.tensor([700, 700]), eps)
+    a = d.ddim_step(x_t, eps, 700, 600, eta=0.0, noise=torch.randn_like(x_t))
+    b = d.ddim_step(x_t, eps, 700, 600, eta=0.0, noise=torch.randn_like(x_t))
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, d.ddim_step(x_t, eps, 700, 600, eta=0.5,
+                                             noise=torch.randn_like(x_t)))
+    assert torch.allclose(d.ddim_step(x_t, eps, 700, -1), x0, atol=1e-4)
+
+
+class Oracle(torch.nn.Module):
+    """A 'network' that knows x_0: it returns the exact noise that turns x_0 into x_t."""
+
+    num_classes = 0
+
+    def __init__(self, diffusion, x0):
+        super().__init__()
+        self.diffusion, self.x0 = diffusion, x0
+
+    def forward(self, x, t, y=None):
+        ab = self.diffusion.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+        return (x - ab.sqrt() * self.x0) / (1 - ab).sqrt()
+
+
+@pytest.mark.parametrize("sampler, steps", [("ddim", 10), ("ddim", 1000), ("ddpm", 20)])
+def test_samplers_recover_x0_with_the_true_noise(sampler, steps):
+    d = ddpm.GaussianDiffusion(ddpm.make_beta_schedule("cosine", 1000))
+    x0 = torch.rand(2, 3, 8, 8) * 1.8 - 0.9
+    out = d.sample(Oracle(d, x0), x0.shape, sampler=sampler, steps=steps, seeds=[1, 2])
+    assert torch.allclose(out, x0, atol=1e-4)
+
+
+class BayesOptimal(torch.nn.Module):
+    """The exact E[eps | x_t] for data that is one of a few flat colours, each equally likely:
+    x_0 | x_t is a mixture whose weights are the Gaussian likelihoods N(x_t; sqrt(ab) c, 1 - ab)."""
+
+    num_classes = 0
+
+    def __init__(self, diffusion, colours):
+        super().__init__()
+        self.diffusion, self.colours = diffusion, colours.double()
+
+    def forward(self, x, t, y=None):
+        ab = self.diffusion.alphas_cumprod[t].double().reshape(-1, 1, 1, 1)
+        x = x.double()
+        log_lik = torch.stack([-((x - ab.sqrt() * c.reshape(1, 3, 1, 1)) ** 2).sum((1, 2, 3))
+                               / (2 * (1 - ab.flatten())) for c in self.colours], 1)
+        weights = torch.softmax(log_lik, 1)                         # (B, colours)
+        x0 = (weights @ self.colours).reshape(-1, 3, 1, 1)
+        return ((x - ab.sqrt() * x0) / (1 - ab).sqrt()).float()
+
+
+@pytest.mark.parametrize("sampler, steps", [("ddim", 20), ("ddpm", 20), ("ddpm", 200)])
+def test_samplers_draw_the_data_distribution_with_the_bayes_optimal_denoiser(sampler, steps):
+    """With the exact posterior-mean denoiser, every sample is one of the two colours and both
+    appear in the proportions of the data (1/2 each, within sampling error over 64 draws)."""
+    d = ddpm.GaussianDiffusion(ddpm.make_beta_schedule("cosine", 200))
+    colours = torch.tensor([[0.8, -0.7, -0.7], [-0.7, -0.5, 0.8]])
+    out = d.sample(BayesOptimal(d, colours), (64, 3, 4, 4), sampler=sampler, steps=steps,
+                   seeds=range(64))
+    means = out.mean((2, 3))                                        # (64, 3)
+    distance = (means[:, None] - colours[None]).abs().amax(2)       # (64, 2)
+    assert distance.min(1).values.max() < 1e-3
+    assert 20 <= (distance.argmin(1) == 0).sum() <= 44
+
+
+def test_respacing_keeps_alpha_bar_and_the_identity_respacing_is_the_process():
+    d = ddpm.GaussianDiffusion(ddpm.make_beta_schedule("cosine", 1000))
+    r = d.respace(50)
+    assert r.num_timesteps == 50 and r.timestep_map[0] == 0 and r.timestep_map[-1] == 999
+    assert torch.allclose(r.alphas_cumprod, d.alphas_cumprod[r.timestep_map], rtol=1e-5)
+    full = d.respace(1000)
+    for name in ("betas", "posterior_mean_coef1", "posterior_mean_coef2", "posterior_variance"):
+        assert torch.allclose(getattr(full, name), getattr(d, name), rtol=1e-4, atol=1e-7), name
+
+
+def test_ddim_sampling_is_deterministic_and_seeded_per_image():
+    d = ddpm.GaussianDiffusion(ddpm.make_beta_schedule("cosine", 100))
+    model = randomize(ddpm.build_model(tiny_args())).eval()
+    a = d.sample(model, (3, 3, 16, 16), steps=5, seeds=[7, 8, 9])
+    b = d.sample(model, (3, 3, 16, 16), steps=5, seeds=[7, 8, 9])
+    c = d.sample(model, (2, 3, 16, 16), steps=5, seeds=[8, 9])
+    assert torch.equal(a, b)
+    assert torch.allclose(a[1:], c, atol=1e-5)
+    assert not torch.allclose(a[0], a[1])
+
+
+def test_training_draws_every_timestep_including_zero():
+    d = ddpm.GaussianDiffusion(ddpm.make_beta_schedule("linear", 10))
+    seen = []
+
+    def model(x, t, y=None):
+        seen.append(t)
+        return torch.zeros_like(x)
+    for _ in range(100):
+        d.training_loss(model, torch.zeros(8, 3, 2, 2))
+    seen = torch.cat(seen)
+    assert set(seen.tolist()) == set(range(10))
+
+
+@pytest.mark.parametrize("loss, expected", [("mse", lambda e: (e ** 2).mean()),
+                                            ("l1", lambda e: e.abs().mean()),
+                                            ("huber", lambda e: torch.where(
+                                                e.abs() < 1, 0.5 * e ** 2, e.abs() - 0.5).mean())])
+def test_training_loss_kinds(loss, expected):
+    """With eps_theta = 0 the loss is a function of the drawn noise alone."""
+    d = ddpm.GaussianDiffusion(ddpm.make_beta_schedule("linear", 10), loss=loss)
+    torch.manual_seed(3)
+    value = d.training_loss(lambda x, t, y=None: torch.zeros_like(x), torch.zeros(4, 3, 5, 5))
+    torch.manual_seed(3)
+    torch.randint(0, 10, (4,))
+    noise = torch.randn(4, 3, 5, 5)
+    assert value.item() == pytest.approx(expected(noise).item(), rel=1e-6)
+
+
+def test_classifier_free_guidance_combines_conditional_and_unconditional():
+    args = tiny_args()
+    args.num_classes = 2
+    model = randomize(ddpm.build_model(args)).eval()
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([10, 20]), torch.tensor([0, 1])
+    cond, uncond = model(x, t, y), model(x, t, torch.tensor([2, 2]))
+    assert torch.allclose(ddpm.guided_eps(model, x, t, y, 1.0), cond, atol=1e-6)
+    assert torch.allclose(ddpm.guided_eps(model, x, t, y, 3.0), uncond + 3 * (cond - uncond),
+                          atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training pieces
+
+
+def test_ema_update_rule_and_start():
+    model = torch.nn.Linear(2, 1, bias=False)
+    ema = ddpm.EMA(model, decay=0.9, start=1)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model)                                               # update 1: plain copy
+    assert torch.equal(ema.shadow.weight, model.weight)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    ema.update(model)                                               # 0.9 * 1 + 0.1 * 3
+    assert torch.allclose(ema.shadow.weight, torch.full((1, 2), 1.2))
+    restored = ddpm.EMA(model, decay=0.9, start=1)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.num_updates == 2 and torch.equal(restored.shadow.weight, ema.shadow.weight)
+
+
+def test_lr_schedule():
+    assert ddpm.lr_lambda(0, 10, 110, "cosine") == pytest.approx(0.1)
+    assert ddpm.lr_lambda(9, 10, 110, "cosine") == pytest.approx(1.0)
+    assert ddpm.lr_lambda(60, 10, 110, "cosine") == pytest.approx(0.5)
+    assert ddpm.lr_lambda(110, 10, 110, "cosine") == pytest.approx(0.0)
+    assert ddpm.lr_lambda(100, 10, 110, "constant") == 1.0
+
+
+def test_batch_stream_covers_each_epoch_once_and_splits_ranks():
+    one = ddpm.BatchStream(10, 5, seed=0)
+    assert sorted(torch.cat([one.indices(0), one.indices(1)]).tolist()) == list(range(10))
+    assert not torch.equal(torch.cat([one.indices(0), one.indices(1)]),
+                           torch.cat([one.indices(2), one.indices(3)]))      # reshuffled
+    ranks = [ddpm.BatchStream(10, 5, seed=0, rank=r, world=2) for r in (0, 1)]
+    assert sorted(torch.cat([r.indices(0) for r in ranks]).tolist()) == list(range(10))
+    assert torch.equal(ddpm.BatchStream(10, 3, seed=0).indices(7),
+                       ddpm.BatchStream(10, 3, seed=0).indices(7))
+
+
+def test_hflip_flag():
+    images = torch.randint(0, 256, (100, 3, 2, 4), dtype=torch.uint8)
+    x, _ = ddpm.make_batch(images, None, torch.arange(100), False, torch.device("cpu"))
+    assert torch.equal(x, images.float() / 127.5 - 1)
+    torch.manual_seed(0)
+    x, _ = ddpm.make_batch(images, None, torch.arange(100), True, torch.device("cpu"))
+    flipped = (x == images.float().flip(3) / 127.5 - 1).flatten(1).all(1)
+    kept = (x == images.float() / 127.5 - 1).flatten(1).all(1)
+    assert 20 < flipped.sum() < 80 and bool((flipped | kept).all())
+
+
+def test_paper_preset_is_ho_et_al():
+    args = ddpm.parse_args(["--preset", "paper"])
+    assert (args.base_channels, args.channel_mults, args.num_res_blocks) == (128, [1, 2, 2, 2], 2)
+    assert (args.attention_resolutions, args.dropout, args.lr, args.schedule) == \
+        ([16], 0.1, 2e-4, "linear")
+    assert ddpm.parse_args(["--preset", "paper", "--image_size", "256"]).channel_mults == \
+        [1, 1, 2, 2, 4, 4]
+    assert ddpm.parse_args(["--preset", "paper", "--lr", "1e-4"]).lr == 1e-4   # flags win
+
+
+# ------------------------------------------------------------------------------------------------
+# End to end
+
+
+def two_colour_folder(root, size=8, count=32):
+    """Flat images of two colours: trivially learnable."""
+    os.makedirs(root, exist_ok=True)
+    colours = [(230, 40, 40), (40, 60, 230)]
+    for i in range(count):
+        Image.new("RGB", (size, size), colours[i % 2]).save(os.path.join(root, f"{i:03d}.png"))
+    return np.array(colours) / 255.0
+
+
+def test_learns_two_colours(tmp_path):
+    """A tiny model trained for 600 steps on flat red and blue images samples flat images close
+    to red or blue, and both. (The colour is decided at the noisiest steps, where the
+    epsilon loss carries little signal, so a short run is not exact: thresholds are in [0, 1]
+    units per channel; an untrained or broken model gives noise or arbitrary colours.)"""
+    colours = two_colour_folder(tmp_path / "data")
+    out = str(tmp_path / "run")
+    argv = ["--dataset_path", str(tmp_path / "data"), "--image_size", "8", "--base_channels",
+            "32", "--channel_mults", "1,2", "--num_res_blocks", "1", "--attention_resolutions",
+            "4", "--batch_size", "32", "--max_steps", "600", "--lr", "2e-3", "--warmup_steps",
+            "20", "--ema_decay", "0.99", "--ema_start", "50", "--timesteps", "200",
+            "--save_every", "600", "--sample_every", "600", "--output_dir", out]
+    assert ddpm.main(argv) == 0
+    samples = str(tmp_path / "samples")
+    assert ddpm.main(["--sample", "--checkpoint", os.path.join(out, "checkpoints", "last.pt"),
+                      "--num_samples", "16", "--sampling_steps", "25", "--output_dir",
+                      samples]) == 0
+    distances, nearest, spread = [], [], []
+    for path in sorted(glob.glob(os.path.join(samples, "0*.png"))):
+        pixels = np.asarray(Image.open(path)).reshape(-1, 3) / 255.0
+        distance = np.abs(colours - pixels.mean(0)).max(1)          # to red, to blue
+        distances.append(distance.min())
+        nearest.append(distance.argmin())
+        spread.append(pixels.std(0).max())
+    assert len(distances) == 16
+    assert np.median(distances) < 0.15 and max(distances) < 0.35, distances
+    assert np.median(spread) < 0.05 and max(spread) < 0.25, spread   # flat images
+    assert set(nearest) == {0, 1}                                   # both colours appear
+
+
+def state_equal(a, b):
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(state_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(state_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_resume_is_exact(tmp_path):
+    """4 steps in one run == resume from that run's step-2 checkpoint for 2 more steps, bitwise,
+    with dropout, flips, gradient accumulation, label dropout and the cosine schedule in play."""
+    common = TINY + ["--max_steps", "4", "--save_every", "2", "--sample_every", "100",
+                     "--accumulation_iters", "2", "--dropout", "0.1", "--class_conditional",
+                     "--ema_start", "1", "--swa", "--swa_start", "1"]
+    full = str(tmp_path / "full")
+    assert ddpm.main(common + ["--output_dir", full]) == 0
+    resumed = str(tmp_path / "resumed")
+    assert ddpm.main(common + ["--output_dir", resumed, "--resume",
+                               os.path.join(full, "checkpoints", "step_2.pt")]) == 0
+    a = torch.load(os.path.join(full, "checkpoints", "last.pt"), weights_only=True)
+    b = torch.load(os.path.join(resumed, "checkpoints", "last.pt"), weights_only=True)
+    assert a["step"] == b["step"] == 4
+    for key in ("model", "ema", "swa", "optimizer", "lr_scheduler", "scaler"):
+        assert state_equal(a[key], b[key]), key
+    two = torch.load(os.path.join(full, "checkpoints", "step_2.pt"), weights_only=True)
+    assert not state_equal(two["model"], a["model"])
+    assert b["ema"]["num_updates"] == 4
+
+
+def test_resume_latest_continues_a_run(tmp_path):
+    out = train_run(tmp_path, "run")
+    assert ddpm.main(TINY + ["--output_dir", out, "--max_steps", "3", "--resume", "latest",
+                             "--save_every", "3", "--sample_every", "3"]) == 0
+    assert torch.load(os.path.join(out, "checkpoints", "last.pt"), weights_only=True)["step"] == 3
+    assert os.path.exists(os.path.join(out, "checkpoints", "step_2.pt"))
+
+
+def test_swa_is_the_mean_of_the_weights_after_swa_start(tmp_path):
+    out = train_run(tmp_path, "swa", "--swa", "--swa_start", "1", "--max_steps", "3",
+                    "--save_every", "1")
+    ckpts = [torch.load(os.path.join(out, "checkpoints", f"step_{i}.pt"), weights_only=True)
+             for i in (2, 3)]
+    swa = ckpts[-1]["swa"]
+    assert swa["n_averaged"].item() == 2
+    for name, value in ckpts[-1]["model"].items():
+        expected = (ckpts[0]["model"][name] + value) / 2
+        assert torch.allclose(swa[f"module.{name}"], expected, atol=1e-6), name
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs(tmp_path, precision):
+    out = train_run(tmp_path, precision, "--precision", precision)
+    ckpt = torch.load(os.path.join(out, "checkpoints", "last.pt"), weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert bool(ckpt["scaler"]) == (precision == "fp16")          # GradScaler only for fp16
+
+
+def test_nonfinite_gradients_are_skipped_then_stop_the_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(ddpm.GaussianDiffusion, "training_loss",
+                        lambda self, model, x0, y=None: model(x0, torch.zeros(
+                            len(x0), dtype=torch.long)).sum() * float("nan"))
+    out = str(tmp_path / "nan")
+    status = ddpm.main(TINY + ["--output_dir", out, "--max_steps", "10",
+                               "--max_nonfinite_steps", "3"])
+    assert status == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.split("ddpm.py: error: ")[1:]]
+    assert len(errors) == 1 and errors[0].startswith("3 consecutive steps with non-finite")
+    assert "Traceback" not in err
+
+
+def test_sample_command_is_independent_of_batch_size(trained, tmp_path):
+    ckpt = os.path.join(trained, "checkpoints", "last.pt")
+    outs = []
+    for batch in ("1", "3"):
+        out = str(tmp_path / f"b{batch}")
+        assert ddpm.main(["--sample", "--checkpoint", ckpt, "--batch_size", batch,
+                          "--num_samples", "4", "--seed", "5", "--output_dir", out]) == 0
+        outs.append([np.asarray(Image.open(os.path.join(out, f"{i:05d}.png"))) for i in range(4)])
+        assert os.path.exists(os.path.join(out, "grid.png"))
+    for a, b in zip(*outs):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    assert not np.array_equal(outs[0][0], outs[0][1])
+
+
+@pytest.mark.parametrize("flags", [
+    ["--sampler", "ddpm"],
+    ["--eta", "1.0", "--weights", "model"],
+    ["--guidance_scale", "3.0", "--class_label", "1", "--weights", "swa"],
+])
+def test_sample_command_flags(trained, tmp_path, flags):
+    ckpt = os.path.join(trained, "checkpoints", "last.pt")
+    base = str(tmp_path / "base")
+    assert ddpm.main(["--sample", "--checkpoint", ckpt, "--output_dir", base]) == 0
+    out = str(tmp_path / "flags")
+    assert ddpm.main(["--sample", "--checkpoint", ckpt, "--output_dir", out] + flags) == 0
+    a = np.asarray(Image.open(os.path.join(base, "grid.png")))
+    b = np.asarray(Image.open(os.path.join(out, "grid.png")))
+    assert a.shape == b.shape and not np.array_equal(a, b)
+
+
+def test_save_gif(trained, tmp_path):
+    out = str(tmp_path / "gif")
+    assert ddpm.main(["--sample", "--checkpoint", os.path.join(trained, "checkpoints", "last.pt"),
+                      "--output_dir", out, "--save_gif", "--sampling_steps", "10"]) == 0
+    gif = Image.open(os.path.join(out, "trajectory.gif"))
+    assert gif.n_frames > 5
+
+
+def test_torchrun_ddp_on_cpu(tmp_path):
+    out = str(tmp_path / "ddp")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         "--master_port=29533", os.path.join(ROOT, "ddpm.py")] + TINY +
+        ["--output_dir", out, "--max_steps", "3", "--save_every", "3", "--sample_every", "3",
+         "--accumulation_iters", "2"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = torch.load(os.path.join(out, "checkpoints", "last.pt"), weights_only=True)
+    assert ckpt["step"] == 3
+    assert len(glob.glob(os.path.join(out, "events.out.tfevents.*"))) == 1   # rank 0 only
+    assert result.stdout.count("parameters") == 1
