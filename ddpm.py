@@ -1235,9 +1235,6 @@ def preview(model, diffusion, args, device, step, writer):
 def train(args):
     rank, world, device = setup_distributed()
     log = print if rank == 0 else (lambda *a, **k: None)
-    torch.manual_seed(args.seed + rank)                             # noise, t, flips, dropout
-    np.random.seed(args.seed + rank)
-    random.seed(args.seed + rank)
     kernels.set_backend(args.kernels)
 
     ckpt = None
@@ -1256,9 +1253,13 @@ def train(args):
     if ckpt is not None:
         check_compatible(ckpt["args"], args, path, ["num_classes"])
 
+    torch.manual_seed(args.seed)                                    # the same weights on every rank
     model = build_model(args).to(device)
     ema = EMA(model, args.ema_decay, args.ema_start)
     swa = AveragedModel(model) if args.swa else None
+    torch.manual_seed(args.seed + rank)                             # noise, t, flips, dropout
+    np.random.seed(args.seed + rank)
+    random.seed(args.seed + rank)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, args.warmup_steps, args.max_steps, args.lr_schedule))
@@ -1276,6 +1277,8 @@ def train(args):
         scaler.load_state_dict(ckpt["scaler"])
         step = ckpt["step"]
         if world == 1:
+            # Only rank 0's generators are saved, so a resumed multi-process run continues with
+            # fresh per-rank streams: statistically the same run, not bitwise.
             set_rng_state(ckpt["rng"])
         log(f"resumed from {path} at step {step} (EMA updates: {ema.num_updates})")
     if world > 1:
@@ -1310,18 +1313,20 @@ def train(args):
     nonfinite, skipped = 0, 0
     bar = tqdm(total=args.max_steps, initial=step, desc=METHOD,
                disable=True if rank != 0 else None)          # None: off when not a terminal
-    tick, tick_step = time.perf_counter(), step
+    started = tick = time.perf_counter()
+    tick_step = step
     model.train()
     while step < args.max_steps:
         loss_sum = 0.0
         for micro in range(args.accumulation_iters):
             x0, y = make_batch(images, labels, stream.indices(step * args.accumulation_iters + micro),
                                args.hflip, device)
-            # DDP all-reduces gradients only on the last micro-batch of an optimizer step.
+            # DDP all-reduces gradients only in the backward of the last micro-batch.
             sync = micro == args.accumulation_iters - 1 or world == 1
-            with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
-                loss = diffusion.training_loss(model, x0, y) / args.accumulation_iters
-            scaler.scale(loss).backward()
+            with contextlib.nullcontext() if sync else model.no_sync():
+                with autocast:
+                    loss = diffusion.training_loss(model, x0, y) / args.accumulation_iters
+                scaler.scale(loss).backward()
             loss_sum += loss.item()
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
@@ -1359,6 +1364,9 @@ def train(args):
                                     ("nonfinite_steps", skipped)):
                     writer.add_scalar(f"train/{name}", value, step)
             if step % args.sample_every == 0 or step == args.max_steps:
+                if bar.disable:                                     # a log file, not a terminal
+                    log(f"step {step}/{args.max_steps} loss {loss_sum:.4f} "
+                        f"lr {scheduler.get_last_lr()[0]:.2e} {time.perf_counter() - started:.0f}s")
                 preview(ema.shadow, diffusion, args, device, step, writer)
             if step % args.save_every == 0 or step == args.max_steps:
                 checkpoint()

@@ -419,9 +419,11 @@ def two_colour_folder(root, size=8, count=32):
 
 def test_learns_two_colours(tmp_path):
     """A tiny model trained for 600 steps on flat red and blue images samples flat images close
-    to red or blue, and both. (The colour is decided at the noisiest steps, where the
-    epsilon loss carries little signal, so a short run is not exact: thresholds are in [0, 1]
-    units per channel; an untrained or broken model gives noise or arbitrary colours.)"""
+    to red or blue, and both. The colour is decided at the noisiest steps, where the epsilon loss
+    carries little signal, so a run this short is not exact: distances are the largest channel
+    difference in [0, 1] units, judged over 16 samples. An untrained or broken model gives noise
+    or arbitrary colours; the sampler itself is exact (test_samplers_draw_the_data_distribution
+    _with_the_bayes_optimal_denoiser)."""
     colours = two_colour_folder(tmp_path / "data")
     out = str(tmp_path / "run")
     argv = ["--dataset_path", str(tmp_path / "data"), "--image_size", "8", "--base_channels",
@@ -441,9 +443,11 @@ def test_learns_two_colours(tmp_path):
         distances.append(distance.min())
         nearest.append(distance.argmin())
         spread.append(pixels.std(0).max())
+    distances = np.array(distances)
     assert len(distances) == 16
-    assert np.median(distances) < 0.15 and max(distances) < 0.35, distances
-    assert np.median(spread) < 0.05 and max(spread) < 0.25, spread   # flat images
+    # Close to red or blue: a blend of the two would be 0.37 away, an arbitrary colour ~0.5.
+    assert np.median(distances) < 0.15 and (distances < 0.2).sum() >= 12, distances.round(2)
+    assert np.median(spread) < 0.05, spread                         # flat images, not noise
     assert set(nearest) == {0, 1}                                   # both colours appear
 
 
@@ -476,6 +480,22 @@ def test_resume_is_exact(tmp_path):
     two = torch.load(os.path.join(full, "checkpoints", "step_2.pt"), weights_only=True)
     assert not state_equal(two["model"], a["model"])
     assert b["ema"]["num_updates"] == 4
+
+
+def test_stopping_and_resuming_equals_one_run(tmp_path):
+    """2N steps in one run == N steps, stop, `--resume latest --max_steps 2N`. With a constant
+    learning rate after warmup, since a cosine decay depends on --max_steps itself."""
+    common = TINY + ["--lr_schedule", "constant", "--save_every", "100", "--sample_every", "100",
+                     "--dropout", "0.1", "--ema_start", "1"]
+    one = str(tmp_path / "one")
+    assert ddpm.main(common + ["--output_dir", one, "--max_steps", "4"]) == 0
+    two = str(tmp_path / "two")
+    assert ddpm.main(common + ["--output_dir", two, "--max_steps", "2"]) == 0
+    assert ddpm.main(common + ["--output_dir", two, "--max_steps", "4", "--resume", "latest"]) == 0
+    a = torch.load(os.path.join(one, "checkpoints", "last.pt"), weights_only=True)
+    b = torch.load(os.path.join(two, "checkpoints", "last.pt"), weights_only=True)
+    for key in ("model", "ema", "optimizer"):
+        assert state_equal(a[key], b[key]), key
 
 
 def test_resume_latest_continues_a_run(tmp_path):
