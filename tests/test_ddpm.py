@@ -592,3 +592,50 @@ def test_torchrun_ddp_on_cpu(tmp_path):
     assert ckpt["step"] == 3
     assert len(glob.glob(os.path.join(out, "events.out.tfevents.*"))) == 1   # rank 0 only
     assert result.stdout.count("parameters") == 1
+
+
+def test_optimisation_and_logging_flags_reach_their_targets(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    clip_norms = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def recording_clip(parameters, max_norm, *args, **kwargs):
+        clip_norms.append(max_norm)
+        return real_clip(parameters, max_norm, *args, **kwargs)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
+    out = train_run(tmp_path, "flags", "--max_steps", "3", "--save_every", "3",
+                    "--sample_every", "3", "--weight_decay", "0.05", "--grad_clip", "0.5",
+                    "--log_every", "1", "--loss", "l1", "--no-hflip")
+    assert clip_norms == [0.5] * 3
+    ckpt = torch.load(os.path.join(out, "checkpoints", "last.pt"), weights_only=True)
+    assert ckpt["optimizer"]["param_groups"][0]["weight_decay"] == 0.05
+    assert ckpt["args"]["loss"] == "l1" and ckpt["args"]["hflip"] is False
+    events = EventAccumulator(out)
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]  # --log_every 1
+
+
+def test_kernels_flag_runs_training_through_the_triton_kernels(tmp_path, monkeypatch):
+    """--kernels triton (Triton's interpreter on this CPU) trains to the same weights as
+    --kernels torch, and really launches the kernels."""
+    pytest.importorskip("triton")
+    import kernels
+    if not (torch.cuda.is_available() or kernels._INTERPRET):
+        pytest.skip("no GPU and no Triton interpreter")
+    calls = []
+    real = kernels.group_norm.group_norm_act
+    monkeypatch.setattr(kernels.group_norm, "group_norm_act",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    flags = ["--max_steps", "1", "--num_samples", "1", "--sampling_steps", "1",
+             "--image_size", "8", "--attention_resolutions", "", "--channel_mults", "1",
+             "--batch_size", "1"]                                   # the interpreter is slow
+    outs = {}
+    for backend in ("torch", "triton"):
+        before = len(calls)
+        outs[backend] = train_run(tmp_path, backend, "--kernels", backend, *flags)
+        assert (len(calls) > before) == (backend == "triton")
+    a, b = (torch.load(os.path.join(outs[k], "checkpoints", "last.pt"), weights_only=True)
+            for k in ("torch", "triton"))
+    for name, value in a["model"].items():
+        assert torch.allclose(value, b["model"][name], atol=1e-5, rtol=1e-4), name
+    kernels.set_backend("auto")
