@@ -40,12 +40,11 @@ import argparse
 import concurrent.futures
 import contextlib
 import copy
-import datetime
 import json
 import math
 import os
 import random
-import resource
+import shutil
 import sys
 import time
 
@@ -54,13 +53,18 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import kernels
+
+try:
+    import resource                                                 # Unix only
+except ImportError:
+    resource = None
 
 METHOD = "ddpm"
 FORMAT_VERSION = 1
@@ -228,8 +232,9 @@ def build_parser():
 
     def flag(name, help):
         key = name.lstrip("-")
-        p.add_argument(name, default=None, action=argparse.BooleanOptionalAction,
-                       help=f"{help} (default: {DEFAULTS[key]})")
+        p.add_argument(name, default=None, action="store_true",
+                       help=f"{help} (default: {'on' if DEFAULTS[key] else 'off'})")
+        p.add_argument(f"--no_{key}", dest=key, action="store_false", help=f"turn {name} off")
 
     g = p.add_argument_group("mode")
     g.add_argument("--preset", choices=sorted(PRESETS), default="quick",
@@ -255,8 +260,8 @@ def build_parser():
     add("--base_channels", "U-Net width at the highest resolution", type=int)
     add("--channel_mults", "width multiplier per resolution level, comma-separated")
     add("--num_res_blocks", "residual blocks per level", type=int)
-    add("--attention_resolutions", "feature-map sides (shorter side) that get self-attention, "
-        "comma-separated; empty for none")
+    add("--attention_resolutions", "feature-map sides (shorter side) whose levels get "
+        "self-attention, comma-separated, empty for none (the middle block always has it)")
     add("--num_heads", "attention heads", type=int)
     add("--dropout", "dropout in the residual blocks", type=float)
     add("--label_dropout", "probability of replacing the class label by the null label in "
@@ -302,8 +307,8 @@ def build_parser():
         choices=["ddpm", "ddim"])
     add("--sampling_steps", "respaced number of sampling steps (<= --timesteps)", type=int)
     add("--eta", "DDIM stochasticity: 0 deterministic, 1 ancestral", type=float)
-    add("--guidance_scale", "classifier-free guidance scale w: eps_u + w (eps_c - eps_u); 1 is "
-        "plain conditional sampling", type=float)
+    add("--guidance_scale", "classifier-free guidance scale s: eps_u + s (eps_c - eps_u), which "
+        "is 1 + w in Ho & Salimans' Eq. 6; 1 is plain conditional sampling", type=float)
     add("--class_label", "class to sample (default: cycle through the classes)", type=int)
     add("--num_samples", "images to sample (also the preview grid size)", type=int)
     add("--weights", "which weights --sample uses", choices=["ema", "model", "swa"])
@@ -349,6 +354,18 @@ def finalize_args(args):
         raise UserError(f"--image_size {h}x{w} is not divisible by the U-Net's downsampling "
                         f"factor {factor} (2^(levels-1) for --channel_mults "
                         f"{','.join(map(str, args.channel_mults))}); use a multiple of {factor}")
+    sides = [min(h, w) // 2 ** level for level in range(len(args.channel_mults))]
+    widths = [int(args.base_channels * m) for m in args.channel_mults]
+    attended = [c for c, side in zip(widths, sides) if side in args.attention_resolutions]
+    for channels in attended + widths[-1:]:                         # the middle block attends too
+        if channels % args.num_heads:
+            raise UserError(f"{channels} attention channels do not split into --num_heads "
+                            f"{args.num_heads} heads; choose a divisor of {channels}")
+    unused = [r for r in args.attention_resolutions if r not in sides]
+    if unused and int(os.environ.get("RANK", 0)) == 0:
+        print(f"{METHOD}.py: warning: --attention_resolutions {','.join(map(str, unused))} "
+              f"matches no level (feature-map sides {','.join(map(str, sides))}); only the "
+              f"middle block and the matching levels attend", file=sys.stderr)
     positive = ["batch_size", "accumulation_iters", "max_steps", "timesteps", "sampling_steps",
                 "num_samples", "save_every", "sample_every", "log_every", "num_heads",
                 "num_res_blocks", "num_workers", "procedural_size", "max_nonfinite_steps"]
@@ -381,17 +398,16 @@ def parse_args(argv=None):
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
-def procedural_landscape(index, height, width, seed=0, label=None):
+def procedural_landscape(index, height, width, seed=0):
     """One built-in training image: a landscape drawn in continuous coordinates, so any resolution
     shows the same scene. Global structure (sky gradient, horizon, sun, mountain ridges) spans the
     whole image; local detail (rock texture, ripples) lives at the pixel scale. The patch methods
     need both: only a model that sees across patches keeps ridges continuous at patch borders.
 
-    label 0 is a day palette and 1 a dusk palette (for class-conditional runs); None picks one at
-    random. Returns (uint8 array (3, H, W), label)."""
+    The label, drawn at random, is 0 for a day palette and 1 for a dusk palette (the classes of a
+    class-conditional run). Returns (uint8 array (3, H, W), label)."""
     rng = np.random.default_rng([seed, index])
-    if label is None:
-        label = int(rng.integers(2))
+    label = int(rng.integers(2))
     y = (np.arange(height)[:, None] + 0.5) / height                # (H, 1), 0 at the top
     x = (np.arange(width)[None, :] + 0.5) / width                  # (1, W)
     if label == 0:
@@ -442,8 +458,13 @@ def procedural_dataset(size, height, width, seed, class_conditional):
 def find_images(root, class_conditional):
     """All image files under `root` (recursively, sorted), with class indices from the top-level
     subfolder names when `class_conditional`."""
-    paths = []
+    paths, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        # Follow symbolic links, but read each real folder once (a link cycle would never end).
+        if os.path.realpath(dirpath) in seen:
+            dirnames.clear()
+            continue
+        seen.add(os.path.realpath(dirpath))
         dirnames.sort()
         paths += [os.path.join(dirpath, f) for f in sorted(filenames)
                   if f.lower().endswith(IMAGE_EXTENSIONS)]
@@ -463,12 +484,14 @@ def find_images(root, class_conditional):
 
 def to_rgb(image):
     """Any PIL image -> 8-bit RGB. 16-bit and 32-bit grayscale are rescaled (PIL's own convert
-    would clip them at 255); transparent pixels are composited over white rather than revealing
-    whatever colour the encoder left under alpha = 0."""
+    would clip them at 255; float images in [0, 1] would turn black); transparent pixels are
+    composited over white rather than revealing whatever colour the encoder left under alpha = 0."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
         if image.mode.startswith("I;16") or array.max() > 255:
             array = array / 257.0                                   # 65535 -> 255
+        elif image.mode == "F" and array.max() <= 1.0:
+            array = array * 255.0                                   # 1.0 -> 255
         return Image.fromarray(np.clip(array + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
@@ -482,6 +505,8 @@ def load_image(path, height, width):
     Returns (uint8 array (3, H, W), upscaled?) or None if the file cannot be read."""
     try:
         with Image.open(path) as image:
+            image.draft("RGB", (width, height))                     # JPEG: decode at 1/2..1/8
+            image = ImageOps.exif_transpose(image)                  # phone photos: upright
             image.load()
             image = to_rgb(image)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
@@ -499,7 +524,8 @@ def load_image(path, height, width):
 
 def load_image_folder(root, height, width, class_conditional, num_workers, log=print):
     """Decode and resize every image once (threads), skip unreadable files with one warning.
-    Returns uint8 images (N, 3, H, W), labels (N,) or None, class names."""
+    Returns uint8 images (N, 3, H, W), labels (N,) or None, class names. Under DDP every rank
+    decodes its own copy; only rank 0 prints."""
     paths, labels, classes = find_images(root, class_conditional)
     with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
         decoded = list(pool.map(lambda p: load_image(p, height, width), paths))
@@ -507,7 +533,7 @@ def load_image_folder(root, height, width, class_conditional, num_workers, log=p
     if not keep:
         raise UserError(f"none of the {len(paths)} image files under {root} could be read")
     bad = [p for p, d in zip(paths, decoded) if d is None]
-    if bad:
+    if bad and int(os.environ.get("RANK", 0)) == 0:
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         print(f"{METHOD}.py: warning: skipping {len(bad)} unreadable image file(s): {shown}",
               file=sys.stderr)
@@ -559,18 +585,19 @@ class BatchStream:
 def make_batch(images, labels, indices, hflip, device):
     """uint8 (N, 3, H, W) -> float in [-1, 1] on `device`, randomly flipped (global torch RNG,
     whose state the checkpoint saves), with labels or None."""
-    x = images[indices].to(device, non_blocking=True).float() / 127.5 - 1.0
+    x = images[indices].to(device).float() / 127.5 - 1.0          # (B, 3, H, W) in [-1, 1]
     if hflip:
         flip = (torch.rand(x.shape[0]) < 0.5).to(device)
-        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)    # flip(3): mirror W
     y = labels[indices].to(device) if labels is not None else None
     return x, y
 
 
-def make_grid(images, nrow=None, padding=2):
-    """uint8 (N, 3, H, W) -> one uint8 (H', W', 3) grid image (torchvision is not a dependency)."""
+def make_grid(images, padding=2):
+    """uint8 (N, 3, H, W) -> one uint8 (H', W', 3) grid image, as square as possible
+    (torchvision is not a dependency)."""
     n, c, h, w = images.shape
-    nrow = nrow or math.ceil(math.sqrt(n))
+    nrow = math.ceil(math.sqrt(n))
     ncol = math.ceil(n / nrow)
     grid = np.full((ncol * (h + padding) + padding, nrow * (w + padding) + padding, c), 255,
                    dtype=np.uint8)
@@ -599,8 +626,9 @@ def save_png(array, path):
 
 
 def timestep_embedding(t, dim, max_period=10000):
-    """Sinusoidal embedding of (possibly fractional) timesteps, Vaswani et al. Sec. 3.5 as used
-    by Ho et al.: [cos(t w_i), sin(t w_i)] with w_i = max_period^(-i / (dim/2)). (B,) -> (B, dim)."""
+    """Sinusoidal embedding of (possibly fractional) timesteps (Vaswani et al. Sec. 3.5, used by
+    Ho et al.), in ADM's order: [cos(t w_i), sin(t w_i)], w_i = max_period^(-i / (dim/2)).
+    (B,) -> (B, dim)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
     args = t.float()[:, None] * freqs[None]                        # (B, 1) * (1, half)
@@ -924,8 +952,9 @@ class GaussianDiffusion(nn.Module):
         x_0):
             x_prev = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - sigma^2) eps + sigma z,
             sigma = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev)      (Eq. 16),
-        with a = alpha_bar and x0_hat = predict_x0_from_eps(x_t, t, eps). eta = 0 is deterministic;
-        eta = 1 is the ancestral DDPM step."""
+        with a = alpha_bar and x0_hat = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t) (Eq. 4 solved for
+        x_0, as in predict_x0_from_eps, with alpha_bar = 1 at index -1). eta = 0 is
+        deterministic; eta = 1 is the ancestral DDPM step."""
         a_t, a_prev = self._alpha_bar(t, x_t).to(x_t.dtype), self._alpha_bar(t_prev, x_t).to(x_t.dtype)
         x0 = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
         sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp(min=0).sqrt()
@@ -946,8 +975,9 @@ class GaussianDiffusion(nn.Module):
 
     def training_loss(self, model, x0, y=None):
         """L_simple (Ho et al. Eq. 14, Algorithm 1): t ~ U{0..T-1}, eps ~ N(0, I),
-        loss = || eps - eps_theta(x_t, t, y) ||^2 averaged over pixels and batch. t = 0 is
-        trained (quickgrid drew t from 1..T-1: the last denoising step was never learned).
+        loss = || eps - eps_theta(x_t, t, y) ||^2 averaged over pixels and batch. Index 0 (the
+        paper's t = 1) is trained: quickgrid drew t from 1..T-1, so the last denoising step was
+        never learned.
         `loss` may be "l1" or "huber" instead of the squared error."""
         t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
         noise = torch.randn_like(x0)
@@ -996,8 +1026,9 @@ class GaussianDiffusion(nn.Module):
 
 
 def guided_eps(model, x, t, y, guidance_scale):
-    """Classifier-free guidance (Ho & Salimans Eq. 6): eps = eps(x, null) + w (eps(x, y) -
-    eps(x, null)). One batched forward pass evaluates both; w = 1 (or no labels) is one pass."""
+    """Classifier-free guidance: eps = eps(x, null) + s (eps(x, y) - eps(x, null)). This is
+    Ho & Salimans' Eq. 6, (1 + w) eps(x, y) - w eps(x, null), with s = 1 + w: s = 1 is plain
+    conditional sampling (one forward pass); otherwise one batched pass evaluates both."""
     if y is None or guidance_scale == 1.0:
         return model(x, t, y).float()
     null = torch.full_like(y, model.num_classes)
@@ -1060,6 +1091,10 @@ def sample_main(namespace):
     base = {k: v for k, v in ckpt["args"].items() if k not in NOT_INHERITED}
     args = finalize_args(resolve_args(namespace, base=base))
     args.num_classes = ckpt["args"].get("num_classes", 0)
+    check_compatible(ckpt["args"], args, namespace.checkpoint)
+    if not args.num_classes and (args.class_label is not None or args.guidance_scale != 1.0):
+        raise UserError(f"{namespace.checkpoint} is unconditional: --class_label and "
+                        f"--guidance_scale need a model trained with --class_conditional")
     kernels.set_backend(args.kernels)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(args)
@@ -1166,6 +1201,19 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
+def link_atomically(source, path):
+    """Make `path` the same file as `source` (a hard link: no second copy on disk; a copy where the
+    file system has no links), replacing it atomically."""
+    tmp = f"{path}.tmp"
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, path)
+
+
 def load_checkpoint(path):
     """Load and validate a checkpoint written by this script (weights_only: no code runs)."""
     if not os.path.isfile(path):
@@ -1221,7 +1269,10 @@ def peak_memory_mb(device):
     """CUDA allocator peak on a GPU; the process's peak resident memory on a CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    if resource is None:                                            # Windows
+        return float("nan")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 def preview(model, diffusion, args, device, step, writer):
@@ -1232,26 +1283,30 @@ def preview(model, diffusion, args, device, step, writer):
     writer.add_image("samples", grid, step, dataformats="HWC")
 
 
-def train(args):
+def resume_checkpoint(namespace):
+    """The checkpoint `--resume` names (`latest`: OUTPUT_DIR/checkpoints/last.pt), loaded and
+    validated before any other work. Returns (path, checkpoint)."""
+    if namespace.resume != "latest":
+        return namespace.resume, load_checkpoint(namespace.resume)
+    folder = os.path.join(namespace.output_dir or os.path.join("runs", METHOD), "checkpoints")
+    path = os.path.join(folder, "last.pt")
+    if not os.path.isfile(path):
+        raise UserError(f"--resume latest: no checkpoint in {folder} yet; start without --resume")
+    return path, load_checkpoint(path)
+
+
+def train(args, ckpt=None, ckpt_path=None):
+    """The training loop. `ckpt` (from resume_checkpoint) continues a run where it stopped."""
     rank, world, device = setup_distributed()
     log = print if rank == 0 else (lambda *a, **k: None)
     kernels.set_backend(args.kernels)
-
-    ckpt = None
-    if args.resume is not None:                                     # fail before any work
-        path = (os.path.join(args.output_dir, "checkpoints", "last.pt")
-                if args.resume == "latest" else args.resume)
-        if args.resume == "latest" and not os.path.isfile(path):
-            raise UserError(f"--resume latest: no checkpoint in "
-                            f"{os.path.join(args.output_dir, 'checkpoints')} yet; start without "
-                            f"--resume")
-        ckpt = load_checkpoint(path)
-        check_compatible(ckpt["args"], args, path, [k for k in ARCHITECTURE_KEYS
-                                                    if k != "num_classes"])
+    if ckpt is not None:                                            # flags given explicitly
+        check_compatible(ckpt["args"], args, ckpt_path,
+                         [k for k in ARCHITECTURE_KEYS if k != "num_classes"])
     images, labels, classes = load_dataset(args, log)
     args.num_classes = len(classes) if args.class_conditional else 0
-    if ckpt is not None:
-        check_compatible(ckpt["args"], args, path, ["num_classes"])
+    if ckpt is not None:                                            # a dataset with other classes
+        check_compatible(ckpt["args"], args, ckpt_path, ["num_classes"])
 
     torch.manual_seed(args.seed)                                    # the same weights on every rank
     model = build_model(args).to(device)
@@ -1274,13 +1329,21 @@ def train(args):
             swa.load_state_dict(ckpt["swa"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["lr_scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"] and scaler.is_enabled():                  # empty unless fp16 before
+            scaler.load_state_dict(ckpt["scaler"])
         step = ckpt["step"]
+        # An explicit --lr, --weight_decay or --max_steps on resume takes effect from here on
+        # (without them these are the values the checkpoint already holds).
+        scheduler.base_lrs = [args.lr] * len(optimizer.param_groups)
+        for group in optimizer.param_groups:
+            group["initial_lr"], group["weight_decay"] = args.lr, args.weight_decay
+            group["lr"] = args.lr * lr_lambda(step, args.warmup_steps, args.max_steps,
+                                              args.lr_schedule)
         if world == 1:
             # Only rank 0's generators are saved, so a resumed multi-process run continues with
             # fresh per-rank streams: statistically the same run, not bitwise.
             set_rng_state(ckpt["rng"])
-        log(f"resumed from {path} at step {step} (EMA updates: {ema.num_updates})")
+        log(f"resumed from {ckpt_path} at step {step} (EMA updates: {ema.num_updates})")
     if world > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                         else None)
@@ -1308,13 +1371,13 @@ def train(args):
                  "format_version": FORMAT_VERSION}
         folder = os.path.join(args.output_dir, "checkpoints")
         save_checkpoint(os.path.join(folder, f"step_{step}.pt"), state)
-        save_checkpoint(os.path.join(folder, "last.pt"), state)
+        link_atomically(os.path.join(folder, f"step_{step}.pt"), os.path.join(folder, "last.pt"))
 
     nonfinite, skipped = 0, 0
     bar = tqdm(total=args.max_steps, initial=step, desc=METHOD,
                disable=True if rank != 0 else None)          # None: off when not a terminal
     started = tick = time.perf_counter()
-    tick_step = step
+    tick_step, interval_loss, paused = step, 0.0, 0.0              # since the last log line
     model.train()
     while step < args.max_steps:
         loss_sum = 0.0
@@ -1343,33 +1406,37 @@ def train(args):
                                    f"step {step}; lower --lr, or use --precision bf16/fp32")
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        lr = optimizer.param_groups[0]["lr"]                        # the rate this step used
         scheduler.step()
         step += 1
         ema.update(raw_model)
         if swa is not None and step > args.swa_start:
             swa.update_parameters(raw_model)
 
-        if rank == 0:
+        if rank == 0:                                               # rank 0's loss and speed
             bar.update(1)
+            interval_loss += loss_sum
             if step % args.log_every == 0 or step == args.max_steps:
                 now = time.perf_counter()
-                ips = (step - tick_step) * args.batch_size * args.accumulation_iters * world \
-                    / (now - tick)
-                tick, tick_step = now, step
-                lr = scheduler.get_last_lr()[0]
-                bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
-                for name, value in (("loss", loss_sum), ("lr", lr), ("grad_norm", float(grad_norm)),
+                seen = (step - tick_step) * args.batch_size * args.accumulation_iters * world
+                ips = seen / (now - tick - paused)                  # previews and saves excluded
+                mean_loss = interval_loss / (step - tick_step)
+                tick, tick_step, interval_loss, paused = now, step, 0.0, 0.0
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
+                for name, value in (("loss", mean_loss), ("lr", lr), ("grad_norm", float(grad_norm)),
                                     ("images_per_sec", ips), ("peak_memory_mb",
                                                               peak_memory_mb(device)),
                                     ("nonfinite_steps", skipped)):
                     writer.add_scalar(f"train/{name}", value, step)
+            pause_start = time.perf_counter()
             if step % args.sample_every == 0 or step == args.max_steps:
                 if bar.disable:                                     # a log file, not a terminal
-                    log(f"step {step}/{args.max_steps} loss {loss_sum:.4f} "
-                        f"lr {scheduler.get_last_lr()[0]:.2e} {time.perf_counter() - started:.0f}s")
+                    log(f"step {step}/{args.max_steps} loss {loss_sum:.4f} lr {lr:.2e} "
+                        f"{time.perf_counter() - started:.0f}s")
                 preview(ema.shadow, diffusion, args, device, step, writer)
             if step % args.save_every == 0 or step == args.max_steps:
                 checkpoint()
+            paused += time.perf_counter() - pause_start
     bar.close()
     if rank == 0:
         writer.close()
@@ -1400,10 +1467,17 @@ def main(argv=None):
         namespace = build_parser().parse_args(argv)
         if namespace.sample:
             return sample_main(namespace)
-        args = finalize_args(resolve_args(namespace))
+        ckpt = path = None
+        if namespace.resume is not None:
+            # A resumed run keeps its configuration; flags given now override it.
+            path, ckpt = resume_checkpoint(namespace)
+            base = {k: v for k, v in ckpt["args"].items() if k != "resume"}
+            args = finalize_args(resolve_args(namespace, base=base))
+        else:
+            args = finalize_args(resolve_args(namespace))
         if args.dry_run:
             return dry_run(args)
-        return train(args)
+        return train(args, ckpt, path)
     except UserError as error:
         print(f"{METHOD}.py: error: {error}", file=sys.stderr)
         return 2

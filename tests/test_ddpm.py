@@ -605,7 +605,7 @@ def test_optimisation_and_logging_flags_reach_their_targets(tmp_path, monkeypatc
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
     out = train_run(tmp_path, "flags", "--max_steps", "3", "--save_every", "3",
                     "--sample_every", "3", "--weight_decay", "0.05", "--grad_clip", "0.5",
-                    "--log_every", "1", "--loss", "l1", "--no-hflip")
+                    "--log_every", "1", "--loss", "l1", "--no_hflip")
     assert clip_norms == [0.5] * 3
     ckpt = torch.load(os.path.join(out, "checkpoints", "last.pt"), weights_only=True)
     assert ckpt["optimizer"]["param_groups"][0]["weight_decay"] == 0.05
@@ -639,3 +639,49 @@ def test_kernels_flag_runs_training_through_the_triton_kernels(tmp_path, monkeyp
     for name, value in a["model"].items():
         assert torch.allclose(value, b["model"][name], atol=1e-5, rtol=1e-4), name
     kernels.set_backend("auto")
+
+
+def test_resume_keeps_the_run_configuration_and_explicit_flags_override_it(tmp_path):
+    out = train_run(tmp_path, "run", "--lr", "5e-4", "--loss", "l1", "--weight_decay", "0.01")
+    # No flags but --resume: the run continues with its own configuration.
+    assert ddpm.main(["--resume", "latest", "--output_dir", out, "--max_steps", "3"]) == 0
+    ckpt = torch.load(os.path.join(out, "checkpoints", "last.pt"), weights_only=True)
+    assert (ckpt["args"]["lr"], ckpt["args"]["loss"], ckpt["args"]["image_size"]) == \
+        (5e-4, "l1", [16, 16])
+    assert ckpt["optimizer"]["param_groups"][0]["weight_decay"] == 0.01
+    # An explicit --lr now takes effect in the optimizer, not only in args.json.
+    assert ddpm.main(["--resume", "latest", "--output_dir", out, "--max_steps", "4", "--lr",
+                      "1e-4", "--lr_schedule", "constant"]) == 0
+    ckpt = torch.load(os.path.join(out, "checkpoints", "last.pt"), weights_only=True)
+    group = ckpt["optimizer"]["param_groups"][0]
+    assert ckpt["args"]["lr"] == 1e-4 and group["initial_lr"] == 1e-4
+    assert group["lr"] == pytest.approx(1e-4)
+    # last.pt is a hard link to the newest step checkpoint, not a second copy.
+    assert os.path.samefile(os.path.join(out, "checkpoints", "last.pt"),
+                            os.path.join(out, "checkpoints", "step_4.pt"))
+
+
+def test_resume_with_fp16_after_fp32(tmp_path):
+    out = train_run(tmp_path, "run")
+    assert ddpm.main(["--resume", "latest", "--output_dir", out, "--max_steps", "3",
+                      "--precision", "fp16"]) == 0
+
+
+@pytest.mark.parametrize("flags, phrase", [
+    (["--image_size", "32"], "--image_size [16, 16] (checkpoint) vs [32, 32] (now)"),
+    (["--schedule", "linear"], "--schedule cosine (checkpoint) vs linear (now)"),
+])
+def test_sample_refuses_flags_that_change_the_network(trained, tmp_path, capsys, flags, phrase):
+    status = ddpm.main(["--sample", "--checkpoint", os.path.join(trained, "checkpoints",
+                                                                  "last.pt"),
+                        "--output_dir", str(tmp_path / "s")] + flags)
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("ddpm.py: error:") == 1 and phrase in err, err
+
+
+def test_sample_refuses_class_flags_on_an_unconditional_model(tmp_path, capsys):
+    out = train_run(tmp_path, "run")
+    status = ddpm.main(["--sample", "--checkpoint", os.path.join(out, "checkpoints", "last.pt"),
+                        "--output_dir", str(tmp_path / "s"), "--guidance_scale", "2"])
+    err = capsys.readouterr().err
+    assert status == 2 and "unconditional" in err and err.count("\n") == 1

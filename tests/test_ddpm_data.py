@@ -772,3 +772,38 @@ def test_class_conditional_run_names_its_classes(class_conditional_checkpoint):
             and "2 classes: apple, zebra" in class_conditional_checkpoint["out"])
     ckpt = torch.load(class_conditional_checkpoint["last"], map_location="cpu", weights_only=True)
     assert ckpt["args"]["num_classes"] == 2 and ckpt["args"]["class_conditional"] is True
+
+
+def test_symbolic_link_cycles_are_entered_once(tmp_path):
+    save(solid(RED), tmp_path / "a" / "1.png")
+    os.symlink(tmp_path / "a", tmp_path / "a" / "loop")             # a/loop -> a
+    os.symlink(tmp_path / "a", tmp_path / "b")                      # b -> a: the same folder
+    paths, _, _ = ddpm.find_images(str(tmp_path), False)
+    assert [os.path.realpath(p) for p in paths] == [os.path.realpath(tmp_path / "a" / "1.png")]
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A phone photo stored sideways with EXIF orientation 6 (rotate 90 degrees clockwise)."""
+    array = np.zeros((20, 40, 3), np.uint8)                         # stored 40 wide, 20 high
+    array[:, :20] = RED                                             # left half red
+    image = Image.fromarray(array)
+    exif = image.getexif()
+    exif[0x0112] = 6
+    image.save(tmp_path / "phone.png", exif=exif)
+    decoded, _ = ddpm.load_image(str(tmp_path / "phone.png"), 40, 20)   # upright: 20 wide, 40 high
+    assert decoded.shape == (3, 40, 20)
+    assert tuple(decoded[:, 5, 10]) == RED and tuple(decoded[:, 35, 10]) == (0, 0, 0)
+
+
+def test_float_images_in_unit_range_are_scaled(tmp_path):
+    image = Image.fromarray(np.full((8, 8), 0.5, np.float32), "F")
+    assert ddpm.to_rgb(image).getpixel((0, 0)) == (128, 128, 128)
+
+
+@pytest.mark.parametrize("flags, phrases", [
+    (["--num_heads", "3"], ["--num_heads 3", "divisor"]),
+])
+def test_attention_heads_are_checked_before_any_work(tmp_path, capsys, flags, phrases):
+    status, _, err = run_main([*TINY, "--output_dir", tmp_path / "run", *flags], capsys)
+    assert_user_error(status, err, *phrases)
+    assert not (tmp_path / "run").exists()
