@@ -56,6 +56,8 @@ Sequence tails (N not a multiple of the block) are masked: out-of-range key colu
 of -inf, so P = 0 there; the dK/dV kernel explains why its out-of-range query rows need no mask.
 """
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -258,15 +260,27 @@ def _fit(block, length):
     return max(16, min(block, triton.next_power_of_2(length)))
 
 
-def _launch_configs(n_q, n_kv, head_dim):
-    """Fixed block sizes per shape, chosen by rule rather than autotuned.
+def _launch_configs(n_q, n_kv, head_dim, dtype):
+    """Fixed block sizes per shape and dtype, chosen by rule rather than autotuned.
 
     Autotuning picks its winner by timing, so two processes could pick different blocks, and the
     block size sets the summation order: fixed rules keep results bitwise reproducible across runs.
-    Forward: large query blocks amortise the K/V stream. Backward (FlashAttention-2 split): the
-    dK/dV kernel keeps a large K/V block resident and streams small Q blocks, the dQ kernel the
-    reverse. d = 128 halves the streamed block to stay within registers and shared memory.
+    16-bit inputs (tensor cores). Forward: large query blocks amortise the K/V stream. Backward
+    (FlashAttention-2 split): the dK/dV kernel keeps a large K/V block resident and streams small
+    Q blocks, the dQ kernel the reverse. d = 128 halves the streamed block to stay within
+    registers and shared memory.
+
+    fp32 gets smaller blocks over 8 warps. Its "ieee" products run on the CUDA cores, where each
+    thread keeps its rows of A and columns of B in registers over the whole reduction; at the
+    16-bit blocks that is far beyond the 255 registers a thread can have, and ptxas spills up to
+    12 KB per thread to local memory (the d = 64 dK/dV kernel, sm_90). These blocks fit every head
+    dimension without a spill.
     """
+    if dtype == torch.float32:
+        forward = dict(BLOCK_M=_fit(64, n_q), BLOCK_N=_fit(32, n_kv), num_warps=8, num_stages=2)
+        dkdv = dict(BLOCK_M=_fit(16, n_q), BLOCK_N=_fit(64, n_kv), num_warps=8, num_stages=2)
+        dq = dict(BLOCK_M=_fit(64, n_q), BLOCK_N=_fit(16, n_kv), num_warps=8, num_stages=2)
+        return forward, dkdv, dq
     stream = 64 if head_dim <= 64 else 32
     fwd_m = _fit(128 if n_q >= 1024 else 64, n_q)
     forward = dict(BLOCK_M=fwd_m, BLOCK_N=_fit(stream, n_kv),
@@ -277,6 +291,17 @@ def _launch_configs(n_q, n_kv, head_dim):
     dq = dict(BLOCK_M=_fit(resident, n_q), BLOCK_N=_fit(stream // 2, n_kv),
               num_warps=4, num_stages=3 if head_dim <= 64 else 2)
     return forward, dkdv, dq
+
+
+def _on_device(t):
+    """Make t's GPU the current device for the launches that follow.
+
+    Triton launches on the *current* CUDA device and its current stream, whatever device the
+    arguments are on: a model on cuda:1 in a process whose current device is cuda:0 would otherwise
+    run its kernels on the wrong GPU (a crash, or silently wrong values). CPU tensors under the
+    interpreter need nothing.
+    """
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _dot_precision(dtype):
@@ -292,11 +317,12 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     n_kv = k.shape[2]
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, heads, n_q, dtype=torch.float32, device=q.device)
-    forward, _, _ = _launch_configs(n_q, n_kv, head_dim)
+    forward, _, _ = _launch_configs(n_q, n_kv, head_dim, q.dtype)
     grid = (triton.cdiv(n_q, forward["BLOCK_M"]), batch * heads)
-    _attn_fwd_kernel[grid](q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-                           heads, n_q, n_kv, scale * _LOG2E, HEAD_DIM=head_dim,
-                           DOT_PRECISION=_dot_precision(q.dtype), **forward)
+    with _on_device(q):
+        _attn_fwd_kernel[grid](q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(),
+                               *o.stride(), heads, n_q, n_kv, scale * _LOG2E, HEAD_DIM=head_dim,
+                               DOT_PRECISION=_dot_precision(q.dtype), **forward)
     return o, lse
 
 
@@ -313,25 +339,25 @@ def _backward_op(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     """Returns dQ, dK, dV, contiguous; inputs may have any strides."""
     batch, heads, n_q, head_dim = q.shape
     n_kv = k.shape[2]
-    forward, dkdv, dq = _launch_configs(n_q, n_kv, head_dim)
+    forward, dkdv, dq = _launch_configs(n_q, n_kv, head_dim, q.dtype)
     precision = _dot_precision(q.dtype)
     qk_scale = scale * _LOG2E
 
     delta = torch.empty(batch, heads, n_q, dtype=torch.float32, device=q.device)
-    _attn_bwd_delta_kernel[(triton.cdiv(n_q, forward["BLOCK_M"]), batch * heads)](
-        o, grad_o, delta, *o.stride(), *grad_o.stride(), heads, n_q,
-        HEAD_DIM=head_dim, BLOCK_M=forward["BLOCK_M"])
-
     grad_q = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     grad_k = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     grad_v = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_o.stride())
-    _attn_bwd_dkdv_kernel[(triton.cdiv(n_kv, dkdv["BLOCK_N"]), batch * heads)](
-        q, k, v, grad_o, grad_k, grad_v, lse, delta, *strides, heads, n_q, n_kv, qk_scale, scale,
-        HEAD_DIM=head_dim, DOT_PRECISION=precision, **dkdv)
-    _attn_bwd_dq_kernel[(triton.cdiv(n_q, dq["BLOCK_M"]), batch * heads)](
-        q, k, v, grad_o, grad_q, lse, delta, *strides, heads, n_q, n_kv, qk_scale, scale,
-        HEAD_DIM=head_dim, DOT_PRECISION=precision, **dq)
+    with _on_device(q):
+        _attn_bwd_delta_kernel[(triton.cdiv(n_q, forward["BLOCK_M"]), batch * heads)](
+            o, grad_o, delta, *o.stride(), *grad_o.stride(), heads, n_q,
+            HEAD_DIM=head_dim, BLOCK_M=forward["BLOCK_M"])
+        _attn_bwd_dkdv_kernel[(triton.cdiv(n_kv, dkdv["BLOCK_N"]), batch * heads)](
+            q, k, v, grad_o, grad_k, grad_v, lse, delta, *strides, heads, n_q, n_kv, qk_scale,
+            scale, HEAD_DIM=head_dim, DOT_PRECISION=precision, **dkdv)
+        _attn_bwd_dq_kernel[(triton.cdiv(n_q, dq["BLOCK_M"]), batch * heads)](
+            q, k, v, grad_o, grad_q, lse, delta, *strides, heads, n_q, n_kv, qk_scale, scale,
+            HEAD_DIM=head_dim, DOT_PRECISION=precision, **dq)
     return grad_q, grad_k, grad_v
 
 

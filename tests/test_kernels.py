@@ -56,28 +56,35 @@ def poisoned_empty(monkeypatch):
     return calls
 
 
-@pytest.fixture
-def launches(monkeypatch):
-    """Count the launches of every Triton kernel of kernels/, by name."""
-    counts = collections.Counter()
+def record_launches(monkeypatch, record):
+    """Call record(name, compiled kernel) after every launch of a Triton kernel of kernels/
+    (the interpreter has no compiled kernel: None)."""
 
-    class Counted:
+    class Recorded:
         def __init__(self, name, kernel):
             self.name, self.kernel = name, kernel
 
         def __getitem__(self, grid):
             launch = self.kernel[grid]
 
-            def counted(*args, **kwargs):
-                counts[self.name] += 1
-                return launch(*args, **kwargs)
+            def recorded(*args, **kwargs):
+                compiled = launch(*args, **kwargs)
+                record(self.name, compiled)
+                return compiled
 
-            return counted
+            return recorded
 
     for module in (group_norm, flash_attention):
         for name, obj in list(vars(module).items()):
             if name.endswith("_kernel"):
-                monkeypatch.setattr(module, name, Counted(name, obj))
+                monkeypatch.setattr(module, name, Recorded(name, obj))
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Count the launches of every Triton kernel of kernels/, by name."""
+    counts = collections.Counter()
+    record_launches(monkeypatch, lambda name, _compiled: counts.update([name]))
     return counts
 
 
@@ -283,6 +290,46 @@ def test_attention_strided_inputs():
 @pytest.mark.parametrize("n,head_dim", [(256, 64), (1024, 64), (4096, 32), (1024, 128)])
 def test_attention_realistic_shapes(n, head_dim, dtype):
     check_attention(*attention_inputs(4, 4, n, n, head_dim, dtype), None, dtype)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernels_do_not_spill_registers(dtype, monkeypatch):
+    """A block too large for the register file still compiles and passes every test above, only
+    slowly: ptxas spills the excess to local memory. n_spills (bytes per thread) must be 0."""
+    spills = []
+    record_launches(monkeypatch, lambda name, compiled: spills.append((name, compiled.n_spills)))
+    for head_dim in (16, 32, 64, 128):
+        q, k, v = attention_inputs(2, 2, 1024, 1024, head_dim, dtype)
+        out = flash_attention.attention(q, k, v)
+        torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    inputs = group_norm_inputs(2, 64, (64, 64), "both", "both", dtype)
+    out = group_norm.group_norm_act(inputs[0], *inputs[1:3], 16, 1e-5, *inputs[3:], "silu")
+    torch.autograd.grad(out, inputs, torch.ones_like(out))
+    assert len(spills) >= 8
+    assert not [(name, n) for name, n in spills if n], "kernels spilling registers (bytes/thread)"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_kernels_run_on_the_tensors_device(backend):
+    """Triton launches on the current device, not the tensors' one: with cuda:0 current, inputs
+    on cuda:1 must still get the reference's results, forward and backward."""
+    backend("triton")
+    x, weight, bias, scale, shift = [t.detach().to("cuda:1").requires_grad_() for t in
+                                     group_norm_inputs(2, 8, (6, 6), "both", "both", torch.float32)]
+    q, k, v = [t.detach().to("cuda:1").requires_grad_()
+               for t in attention_inputs(1, 2, 40, 40, 32, torch.float32)]
+    with torch.cuda.device(0):
+        h = kernels.group_norm_act(x, weight, bias, 4, scale=scale, shift=shift)
+        attn = kernels.attention(q, k, v)
+        grads = torch.autograd.grad(h.square().sum() + attn.square().sum(), (x, q, k, v))
+    h_ref = reference.group_norm_act(x, weight, bias, 4, 1e-5, scale, shift, "silu")
+    attn_ref = reference.attention(q, k, v)
+    grads_ref = torch.autograd.grad(h_ref.square().sum() + attn_ref.square().sum(), (x, q, k, v))
+    assert_rel_l2(h, h_ref, 1e-5, "group norm on cuda:1")
+    assert_rel_l2(attn, attn_ref, 1e-5, "attention on cuda:1")
+    for name, grad, grad_ref in zip(("x", "q", "k", "v"), grads, grads_ref):
+        assert_rel_l2(grad, grad_ref, 1e-5, f"grad {name} on cuda:1")
 
 
 # -------------------------------------------------------------------------------------------------
