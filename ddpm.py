@@ -1305,6 +1305,9 @@ def train(args, ckpt=None, ckpt_path=None):
                          [k for k in ARCHITECTURE_KEYS if k != "num_classes"])
     images, labels, classes = load_dataset(args, log)
     args.num_classes = len(classes) if args.class_conditional else 0
+    if len(images) < args.batch_size * world:
+        log(f"{METHOD}.py: warning: {len(images)} images for {args.batch_size * world} per "
+            f"micro-batch: every batch repeats images", file=sys.stderr)
     if ckpt is not None:                                            # a dataset with other classes
         check_compatible(ckpt["args"], args, ckpt_path, ["num_classes"])
 
@@ -1462,6 +1465,19 @@ def args_dict(args):
 # ------------------------------------------------------------------------------------------------
 
 
+def dry_run(args):
+    """Print the resolved configuration and the parameter count; check the dataset folder."""
+    if args.dataset_path is None:
+        count, classes = args.procedural_size, ["day", "dusk"]
+    else:
+        paths, _, classes = find_images(args.dataset_path, args.class_conditional)
+        count = len(paths)
+    args.num_classes = len(classes) if args.class_conditional else 0
+    print(json.dumps(args_dict(args), indent=2))
+    print(f"parameters: {count_parameters(build_model(args)):,}; {count} training images")
+    return 0
+
+
 def main(argv=None):
     try:
         namespace = build_parser().parse_args(argv)
@@ -1484,19 +1500,6 @@ def main(argv=None):
     except TrainingDiverged as error:
         print(f"{METHOD}.py: error: {error}", file=sys.stderr)
         return 1
-
-
-def dry_run(args):
-    """Print the resolved configuration and the parameter count; check the dataset folder."""
-    if args.dataset_path is None:
-        count, classes = args.procedural_size, ["day", "dusk"]
-    else:
-        paths, _, classes = find_images(args.dataset_path, args.class_conditional)
-        count = len(paths)
-    args.num_classes = len(classes) if args.class_conditional else 0
-    print(json.dumps(args_dict(args), indent=2))
-    print(f"parameters: {count_parameters(build_model(args)):,}; {count} training images")
-    return 0
 
 
 if __name__ == "__main__":

@@ -807,3 +807,12 @@ def test_attention_heads_are_checked_before_any_work(tmp_path, capsys, flags, ph
     status, _, err = run_main([*TINY, "--output_dir", tmp_path / "run", *flags], capsys)
     assert_user_error(status, err, *phrases)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_dataset_smaller_than_a_batch_is_warned_about(tmp_path, capsys):
+    for i in range(2):
+        save(solid(RED), tmp_path / "data" / f"{i}.png")
+    status, _, err = run_main([*TINY, "--dataset_path", tmp_path / "data", "--output_dir",
+                               tmp_path / "run", "--batch_size", "4", "--max_steps", "1"], capsys)
+    assert status == 0
+    assert "ddpm.py: warning: 2 images for 4 per micro-batch" in err
