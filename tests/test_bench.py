@@ -9,8 +9,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
                                 "bench"))
 import bench_methods  # noqa: E402
 
-TINY = bench_methods.Row("tiny", "ddpm", "--image_size 16 --base_channels 32 "
-                               "--channel_mults 1,2 --attention_resolutions 8 --batch_size 2")
+TINY = bench_methods.Row("tiny", "ddpm", "--image_size 16 --base_channels 32 --channel_mults 1,2 "
+                         "--attention_resolutions 8 --batch_size 2")
 
 
 @pytest.mark.parametrize("phase", ["train", "sample"])
