@@ -56,11 +56,12 @@ Sequence tails (N not a multiple of the block) are masked: out-of-range key colu
 of -inf, so P = 0 there; the dK/dV kernel explains why its out-of-range query rows need no mask.
 """
 
-import contextlib
 
 import torch
 import triton
 import triton.language as tl
+
+from .launch import on_device
 
 _LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
 
@@ -293,17 +294,6 @@ def _launch_configs(n_q, n_kv, head_dim, dtype):
     return forward, dkdv, dq
 
 
-def _on_device(t):
-    """Make t's GPU the current device for the launches that follow.
-
-    Triton launches on the *current* CUDA device and its current stream, whatever device the
-    arguments are on: a model on cuda:1 in a process whose current device is cuda:0 would otherwise
-    run its kernels on the wrong GPU (a crash, or silently wrong values). CPU tensors under the
-    interpreter need nothing.
-    """
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _dot_precision(dtype):
     """fp32 stays IEEE fp32 (not TF32); 16-bit inputs always use tensor cores, "tf32" is the default."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -319,7 +309,7 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     lse = torch.empty(batch, heads, n_q, dtype=torch.float32, device=q.device)
     forward, _, _ = _launch_configs(n_q, n_kv, head_dim, q.dtype)
     grid = (triton.cdiv(n_q, forward["BLOCK_M"]), batch * heads)
-    with _on_device(q):
+    with on_device(q):
         _attn_fwd_kernel[grid](q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(),
                                *o.stride(), heads, n_q, n_kv, scale * _LOG2E, HEAD_DIM=head_dim,
                                DOT_PRECISION=_dot_precision(q.dtype), **forward)
@@ -348,7 +338,7 @@ def _backward_op(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     grad_k = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     grad_v = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_o.stride())
-    with _on_device(q):
+    with on_device(q):
         _attn_bwd_delta_kernel[(triton.cdiv(n_q, forward["BLOCK_M"]), batch * heads)](
             o, grad_o, delta, *o.stride(), *grad_o.stride(), heads, n_q,
             HEAD_DIM=head_dim, BLOCK_M=forward["BLOCK_M"])

@@ -63,12 +63,13 @@ expanded into c1 * g + c2 * x + c3 because c2 * x + c3 cancels catastrophically 
 Every reduction has exactly one writer and a fixed order: no atomics, bitwise deterministic.
 """
 
-import contextlib
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from .launch import on_device
 
 # The kernels hold one row block in registers; beyond 2048 values they loop over the row.
 _MAX_BLOCK = 2048
@@ -254,17 +255,6 @@ def _backward_dx_kernel(X, GradOut, GradX, Mean, Rstd, Weight, Bias, Scale, Shif
 # ---------------------------------------------------------------------------------------------
 
 
-def _on_device(t):
-    """Make t's GPU the current device for the launches that follow.
-
-    Triton launches on the *current* CUDA device and its current stream, whatever device the
-    arguments are on: a model on cuda:1 in a process whose current device is cuda:0 would otherwise
-    run its kernels on the wrong GPU (a crash, or silently wrong values). CPU tensors under the
-    interpreter need nothing.
-    """
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _row_launch(length):
     """Block size and warps for a row of `length` values: one block per row up to _MAX_BLOCK."""
     block = min(triton.next_power_of_2(length), _MAX_BLOCK)
@@ -293,7 +283,7 @@ def _forward_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     block, num_warps = _row_launch(length)
     flags, (w, b, s, t) = _flags(weight, bias, scale, shift, silu, x)
-    with _on_device(x):
+    with on_device(x):
         _channel_stats_kernel[(rows,)](x, row_mean, row_m2, length, BLOCK=block,
                                        num_warps=num_warps)
         _forward_kernel[(rows,)](x, out, row_mean, row_m2, mean, rstd, w, b, s, t,
@@ -323,7 +313,7 @@ def _backward_op(grad_out: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rs
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     block, num_warps = _row_launch(length)
     flags, (w, b, s, t) = _flags(weight, bias, scale, shift, silu, x)
-    with _on_device(x):
+    with on_device(x):
         _backward_sums_kernel[(rows,)](x, grad_out, mean, rstd, w, b, s, t, sum_g, sum_g_xhat,
                                        channels, length, cpg, BLOCK=block, num_warps=num_warps,
                                        **flags)
