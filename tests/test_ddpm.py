@@ -622,6 +622,7 @@ def test_kernels_flag_runs_training_through_the_triton_kernels(tmp_path, monkeyp
     import kernels
     if not (torch.cuda.is_available() or kernels._INTERPRET):
         pytest.skip("no GPU and no Triton interpreter")
+    monkeypatch.setattr(kernels, "_backend", kernels.get_backend())  # restored after the test
     calls = []
     real = kernels.group_norm.group_norm_act
     monkeypatch.setattr(kernels.group_norm, "group_norm_act",
@@ -638,7 +639,6 @@ def test_kernels_flag_runs_training_through_the_triton_kernels(tmp_path, monkeyp
             for k in ("torch", "triton"))
     for name, value in a["model"].items():
         assert torch.allclose(value, b["model"][name], atol=1e-5, rtol=1e-4), name
-    kernels.set_backend("auto")
 
 
 def test_resume_keeps_the_run_configuration_and_explicit_flags_override_it(tmp_path):
