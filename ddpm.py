@@ -1020,6 +1020,11 @@ class GaussianDiffusion(nn.Module):
         return (x, trajectory) if trajectory_every else x
 
 
+def build_diffusion(args):
+    """The diffusion process of a resolved configuration (the counterpart of build_model)."""
+    return GaussianDiffusion(make_beta_schedule(args.schedule, args.timesteps), args.loss)
+
+
 # ------------------------------------------------------------------------------------------------
 # Sampling
 # ------------------------------------------------------------------------------------------------
@@ -1109,8 +1114,7 @@ def sample_main(namespace):
     else:
         model.load_state_dict(ckpt["model"])
     model.to(device).eval()
-    diffusion = GaussianDiffusion(make_beta_schedule(args.schedule, args.timesteps),
-                                  args.loss).to(device)
+    diffusion = build_diffusion(args).to(device)
     os.makedirs(args.output_dir, exist_ok=True)
     every = max(1, args.sampling_steps // 25) if args.save_gif else 0
     result = generate(model, diffusion, args, args.num_samples, device, args.seed, progress=True,
@@ -1322,8 +1326,7 @@ def train(args, ckpt=None, ckpt_path=None):
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, args.warmup_steps, args.max_steps, args.lr_schedule))
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    diffusion = GaussianDiffusion(make_beta_schedule(args.schedule, args.timesteps),
-                                  args.loss).to(device)
+    diffusion = build_diffusion(args).to(device)
     step = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])

@@ -128,10 +128,7 @@ def build(method, args, device):
     """Model and diffusion process of a method at a resolved configuration.
     A method whose API differs from ddpm.py's adds its case here."""
     args.num_classes = 0
-    model = method.build_model(args).to(device)
-    diffusion = method.GaussianDiffusion(method.make_beta_schedule(args.schedule, args.timesteps),
-                                         args.loss).to(device)
-    return model, diffusion
+    return method.build_model(args).to(device), method.build_diffusion(args).to(device)
 
 
 def timed(fn, device):
