@@ -1,8 +1,9 @@
 """Benchmark the method scripts end to end (training and sampling speed, peak memory) and print
 markdown tables.
 
-Each row of ROWS below is one (method, configuration) pair: the script module ("ddpm", later
-"patch_ddpm", ...) and the flags its parse_args gets. For each row and device this measures:
+Each row of ROWS below is one (method, configuration) pair: the script module ("ddpm",
+"patch_ddpm", "patchify_ddpm") and the flags its parse_args gets; --suite picks the rows of one
+comparison. For each row and device this measures:
 
   - Training: one step is forward + backward + AdamW step (diffusion.training_loss on a fixed
     random batch, t and noise drawn as in training; no data loading, grad clipping or EMA).
@@ -12,7 +13,12 @@ Each row of ROWS below is one (method, configuration) pair: the script module ("
     after one untimed 2-step warm-up run. Reported: median over --sample_iters runs, and images/s.
   - Peak memory, per measurement: on a GPU the CUDA allocator peak (torch.cuda.max_memory_allocated,
     parameters and optimizer state included); on a CPU the peak resident set size of the process
-    (getrusage ru_maxrss), which includes what the process holds after importing torch.
+    (getrusage ru_maxrss), which includes what the process holds after importing torch. Also the
+    peak above what the process held when the phase started (weights, optimizer, the batch): the
+    memory the method itself needs, which patch_ddpm.py's patch-by-patch mode bounds.
+  - Forward FLOPs per image (torch.utils.flop_counter.FlopCounterMode), patchify_ddpm.py's claim.
+
+TARGETS lists the issues' targets (ratios between two rows); the report says which were met.
 
 Every measurement (row x device x kernels backend x train/sample) runs in a fresh subprocess (this
 script re-invoked with --worker) that prints one JSON line, so CPU peak RSS is that of a fresh
@@ -24,6 +30,10 @@ The Triton kernels run only on CUDA tensors, so CPU rows always use the torch pa
 --precision bf16 wraps both training and sampling in autocast (ddpm.py --sample itself runs fp32).
 
     python bench/bench_methods.py --out bench/results/methods.md          # CPU, plus GPU if present
+    python bench/bench_methods.py --device cpu --suite patch_ddpm --iters 2 --warmup 1 \
+        --sample_iters 1 --sampling_steps 5 --out bench/results/patch_ddpm_cpu.md
+    python bench/bench_methods.py --device cpu --suite patchify_ddpm --iters 3 --warmup 1 \
+        --sample_iters 1 --out bench/results/patchify_ddpm_cpu.md
     python bench/bench_methods.py --device cuda --out bench/results/methods_gpu.md
     python bench/bench_methods.py --device cuda --precision bf16 \
         --out bench/results/methods_gpu_bf16.md
@@ -37,6 +47,7 @@ multi-threaded kernels many times over. The header records the load average at t
 import argparse
 import datetime
 import importlib
+import inspect
 import json
 import os
 import platform
@@ -60,13 +71,67 @@ class Row(NamedTuple):
     flags: str       # the script's own flags (the bench appends --precision and --kernels)
 
 
-# One row per (method, configuration). A new method script adds its rows here.
+# One row per (method, configuration). A new method script adds its rows here; `suite` groups the
+# rows of one comparison (--suite selects them).
 # Attention head dims: ddpm-32 has 64 channels / 4 heads = 16 at 8x8, ddpm-64 has 128 / 4 = 32 at
 # 16x16, both sizes the Triton attention kernel takes.
 ROWS = [
     Row("ddpm-32", "ddpm", "--preset quick --image_size 32 --batch_size 32"),
     Row("ddpm-64", "ddpm", "--preset quick --image_size 64 --base_channels 64 "
                            "--channel_mults 1,2,2,2 --attention_resolutions 16 --batch_size 16"),
+]
+
+# patch_ddpm.py (Arakawa et al.): the same U-Net (32 channels, levels 1,2,2, attention in the
+# middle block only, so no level changes with the patch size) for every patch divider N, batch 8.
+# K = --patch_batch: 1 runs one patch position at a time (the memory-saving mode), 0 all N*N
+# positions in one batched pass (what the original code does). N = 1 is the plain DDPM baseline.
+PATCH_UNET = "--base_channels 32 --channel_mults 1,2,2 --num_res_blocks 1 --attention_resolutions ''"
+for _size in (128, 256):
+    for _n in (1, 2, 4, 8):
+        for _k in ((1,) if _n == 1 else (1, 0)):
+            ROWS.append(Row(f"patch-{_size}-n{_n}" + (f"-k{_k}" if _n > 1 else ""), "patch_ddpm",
+                            f"--image_size {_size} --patch_divider {_n} --patch_batch {_k} "
+                            f"{PATCH_UNET} --batch_size 8"))
+
+# patchify_ddpm.py (Luhman & Luhman): the U-Net of the ddpm-64 row on the (H/P) x (W/P) grid,
+# batch 4. The claim: P = 4 at 256x256 costs what P = 1 costs at 64x64.
+PATCHIFY_UNET = "--base_channels 64 --channel_mults 1,2,2,2 --num_res_blocks 1 " \
+                "--attention_resolutions 16"
+for _size, _p in ((64, 1), (256, 1), (256, 2), (256, 4)):
+    ROWS.append(Row(f"patchify-{_size}-p{_p}", "patchify_ddpm",
+                    f"--image_size {_size} --patch_size {_p} {PATCHIFY_UNET} --batch_size 4"))
+
+SUITES = {"ddpm": "ddpm-", "patch_ddpm": "patch-", "patchify_ddpm": "patchify-"}
+
+
+class Target(NamedTuple):
+    """An issue's target: metric(row) / metric(reference) compared with `bound`
+    ("<=": the ratio must not exceed it; ">=": the inverse ratio must reach it)."""
+    text: str
+    metric: str      # train_time | sample_time | train_above | sample_above | flops
+    row: str
+    reference: str
+    op: str
+    bound: float
+
+
+TARGETS = [
+    Target(f"patch_ddpm {_size}x{_size}, K = 1: sampling peak memory above start, N = {_n} vs "
+           f"N = 1", "sample_above", f"patch-{_size}-n{_n}-k1", f"patch-{_size}-n1", "<=", _bound)
+    for _size in (128, 256) for _n, _bound in ((2, 0.35), (4, 0.15))
+] + [
+    Target(f"patch_ddpm {_size}x{_size}, K = 1: training peak memory above start, N = {_n} vs "
+           f"N = 1", "train_above", f"patch-{_size}-n{_n}-k1", f"patch-{_size}-n1", "<=", _bound)
+    for _size in (128, 256) for _n, _bound in ((2, 0.35), (4, 0.15))
+] + [
+    Target("patchify_ddpm: forward FLOPs per image, P = 4 at 256 vs P = 1 at 64", "flops",
+           "patchify-256-p4", "patchify-64-p1", "<=", 1.05),
+    Target("patchify_ddpm: training step time, P = 4 at 256 vs P = 1 at 64", "train_time",
+           "patchify-256-p4", "patchify-64-p1", "<=", 1.15),
+    Target("patchify_ddpm: training speed-up of P = 4 over P = 1, both at 256", "train_time",
+           "patchify-256-p4", "patchify-256-p1", ">=", 10.0),
+    Target("patchify_ddpm: sampling speed-up of P = 4 over P = 1, both at 256", "sample_time",
+           "patchify-256-p4", "patchify-256-p1", ">=", 10.0),
 ]
 
 DEFAULTS = {"cpu": {"iters": 5, "sample_iters": 3, "warmup": 2},
@@ -84,8 +149,10 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=_HelpFormatter)
+    p.add_argument("--suite", nargs="+", choices=sorted(SUITES), default=["ddpm"],
+                   help="groups of rows to run (ignored when --rows is given)")
     p.add_argument("--rows", nargs="+", choices=[r.name for r in ROWS],
-                   default=[r.name for r in ROWS], help="rows to run")
+                   help="rows to run (default: those of --suite)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: the CPU, and the GPU too when one is visible")
     p.add_argument("--kernels", choices=["auto", "torch", "triton"], default="auto",
@@ -124,11 +191,55 @@ def peak_rss_mib():
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10     # macOS: bytes; Linux: KiB
 
 
+def current_rss_mib():
+    """Resident memory now (Linux /proc; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        return None
+
+
+def memory_now_mib(device):
+    """What the process holds now: CUDA allocated memory on a GPU, resident memory on a CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated(device) / 2**20
+    return current_rss_mib()
+
+
 def build(method, args, device):
-    """Model and diffusion process of a method at a resolved configuration.
-    A method whose API differs from ddpm.py's adds its case here."""
+    """Model and diffusion process of a method at a resolved configuration (every script has
+    build_model and build_diffusion)."""
     args.num_classes = 0
     return method.build_model(args).to(device), method.build_diffusion(args).to(device)
+
+
+def training_step_fn(diffusion):
+    """patch_ddpm.py's training_loss runs the backward pass itself, one chunk of patch positions
+    at a time (that is how it bounds memory); the other scripts return the loss."""
+    if "backward" in inspect.signature(diffusion.training_loss).parameters:
+        return lambda model, x0: diffusion.training_loss(model, x0, backward=torch.Tensor.backward)
+    return lambda model, x0: diffusion.training_loss(model, x0).backward()
+
+
+def forward_flops_per_image(model, shape, device):
+    """FLOPs of one network evaluation (one sampling step) per image, counted by
+    torch.utils.flop_counter.FlopCounterMode (convolutions, matmuls and SDPA) on the plain PyTorch
+    path (the counter does not see inside the Triton kernels)."""
+    import kernels
+    from torch.utils.flop_counter import FlopCounterMode
+
+    backend = kernels.get_backend()
+    kernels.set_backend("torch")
+    try:
+        x = torch.randn(shape, device=device)
+        t = torch.full((shape[0],), 500, device=device, dtype=torch.long)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x, t, None)
+    finally:
+        kernels.set_backend(backend)
+    return counter.get_total_flops() / shape[0]
 
 
 def timed(fn, device):
@@ -167,15 +278,18 @@ def worker(spec):
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr,
                                       weight_decay=args.weight_decay)
         x0 = (torch.rand(batch, 3, *args.image_size) * 2 - 1).to(device)
+        forward_backward = training_step_fn(diffusion)
         model.train()
 
         def step():
             with autocast():
-                loss = diffusion.training_loss(model, x0)
-            loss.backward()
+                forward_backward(model, x0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
+        start_mib = memory_now_mib(device)                    # weights and the batch
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         for _ in range(spec["warmup"]):
             step()
         times = [timed(step, device) for _ in range(spec["iters"])]
@@ -188,17 +302,25 @@ def worker(spec):
             with autocast():
                 diffusion.sample(model, shape, sampler="ddim", steps=steps, seeds=seeds)
 
+        start_mib = memory_now_mib(device)                    # weights
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         run(2)                                            # warm-up: kernels compiled, caches hot
         times = [timed(lambda: run(spec["sampling_steps"]), device)
                  for _ in range(spec["sample_iters"])]
 
     result = {"times_s": times, "batch": batch, "threads": torch.get_num_threads(),
               "params": sum(p.numel() for p in model.parameters()),
-              "image_size": list(args.image_size), "rss_after_imports_mib": rss_after_imports}
+              "image_size": list(args.image_size), "rss_after_imports_mib": rss_after_imports,
+              "start_mib": start_mib}
     if device.type == "cuda":
         result["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     else:
         result["peak_mib"] = peak_rss_mib()
+    if spec["phase"] == "sample":                         # after the peak is read: not in it
+        model.eval()
+        result["flops_per_image"] = forward_flops_per_image(model, (1, 3, *args.image_size),
+                                                            device)
     return result
 
 
@@ -272,15 +394,21 @@ def triton_version():
     return triton.__version__
 
 
+def above_start(res):
+    """Peak memory minus what the process held when the measured phase started."""
+    return None if res.get("start_mib") is None else res["peak_mib"] - res["start_mib"]
+
+
 def device_table(device, rows, backends, results, sampling_steps):
     """Markdown table of one device: a line per (row, kernels backend)."""
     memory = "peak alloc MiB" if device == "cuda" else "peak RSS MiB"
-    header = ["row", "kernels", "params (M)", "batch", "train step ms, median (min-max)",
-              "train images/s", f"train {memory}"]
+    header = ["row", "kernels", "params (M)", "fwd GFLOP/image", "batch",
+              "train step ms, median (min-max)", "train images/s", f"train {memory}",
+              "train above start MiB"]
     if len(backends) > 1:
         header.append("train speedup vs torch")
     header += ["sample batch", f"{sampling_steps}-step DDIM s, median (min-max)",
-               "sample images/s", f"sample {memory}"]
+               "sample images/s", f"sample {memory}", "sample above start MiB"]
     if len(backends) > 1:
         header.append("sample speedup vs torch")
     lines = []
@@ -293,19 +421,49 @@ def device_table(device, rows, backends, results, sampling_steps):
             sample = results.get((row.name, device, backend, "sample"))
             info = train or sample
             line += [f"{info['params'] / 1e6:.2f}" if info else "n/a"]
+            line += [num(sample["flops_per_image"] / 1e9) if sample else "n/a"]
             for phase, res, scale in (("train", train, 1e3), ("sample", sample, 1.0)):
                 if res is None:
-                    line += ["failed"] * 4 + (["n/a"] if len(backends) > 1 else [])
+                    line += ["failed"] * 5 + (["n/a"] if len(backends) > 1 else [])
                     continue
                 median = statistics.median(res["times_s"])
                 line += [res["batch"], spread(res["times_s"], scale), num(res["batch"] / median),
-                         f"{res['peak_mib']:.0f}"]
+                         f"{res['peak_mib']:.0f}", num(above_start(res))]
                 if len(backends) > 1:
                     base = baseline[phase]
                     line.append(f"{statistics.median(base['times_s']) / median:.2f}x"
                                 if base else "n/a")
             lines.append(line)
     return table(header, lines)
+
+
+def metric(results, row, device, backend, name):
+    """One number of a measured row for the targets (None if it was not measured)."""
+    res = results.get((row, device, backend, name.split("_")[0] if name != "flops" else "sample"))
+    if res is None:
+        return None
+    if name.endswith("_time"):
+        return statistics.median(res["times_s"]) / res["batch"]        # seconds per image
+    if name == "flops":
+        return res["flops_per_image"]
+    return above_start(res)
+
+
+def targets_table(device, backend, results):
+    """The issues' targets whose rows were measured: the ratio, the bound and whether it is met."""
+    lines = []
+    for target in TARGETS:
+        a = metric(results, target.row, device, backend, target.metric)
+        b = metric(results, target.reference, device, backend, target.metric)
+        if a is None or b is None:
+            continue
+        ratio = a / b if target.op == "<=" else b / a
+        met = ratio <= target.bound if target.op == "<=" else ratio >= target.bound
+        lines.append([target.text, f"`{target.row}` vs `{target.reference}`", f"{ratio:.3g}x",
+                      f"{target.op} {target.bound:g}x", "met" if met else "**missed**"])
+    if not lines:
+        return None
+    return table(["target", "rows", "measured", "bound", ""], lines)
 
 
 def main(argv=None):
@@ -341,7 +499,8 @@ def main(argv=None):
         notes.append("CPU rows use the plain PyTorch path (--kernels torch): the Triton kernels "
                      "run only on CUDA tensors.")
 
-    rows = [r for r in ROWS if r.name in args.rows]
+    rows = [r for r in ROWS if r.name in args.rows] if args.rows else \
+        [r for r in ROWS if any(r.name.startswith(SUITES[suite]) for suite in args.suite)]
     load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     results, errors = {}, []
     for device in devices:
@@ -383,7 +542,11 @@ def main(argv=None):
         "A training step is forward + backward + AdamW step on a fixed batch (no data loading, "
         "grad clipping or EMA). Sampling is one batch of DDIM (eta 0) after a 2-step warm-up run. "
         "Times are medians (min-max) of the timed iterations; images/s = batch / median. "
-        "Every number comes from its own fresh process.",
+        "Every number comes from its own fresh process. \"Above start\" is the peak minus what "
+        "the process held when the phase began (after building the model, the optimizer and the "
+        "batch; AdamW's moments, allocated by the first step, count above it). Forward GFLOP per "
+        "image: one network evaluation on one image, counted by "
+        "torch.utils.flop_counter.FlopCounterMode on the PyTorch path.",
         "## Rows\n\n" + table(["row", "script", "flags"],
                               [[r.name, f"{r.module}.py", f"`{r.flags}`"] for r in rows]),
     ]
@@ -397,6 +560,14 @@ def main(argv=None):
             text += ("\n\nSpeedup vs torch = median time with --kernels torch / median time with "
                      "this backend, both measured in this run.")
         sections += [title, text]
+        for backend in backends[device]:
+            targets = targets_table(device, backend, results)
+            if targets:
+                sections += [f"### Targets ({device}, --kernels {backend})",
+                             targets + "\n\nTimes are per image (median step time / batch), so "
+                             "rows with different batches compare; memory is the peak above what "
+                             "the process held when the phase started (weights, optimizer, the "
+                             "image batch)."]
     if notes:
         sections.append("Notes:\n\n" + "\n".join(f"- {n}" for n in notes))
     if errors:

@@ -29,3 +29,27 @@ def test_bad_counts_are_refused():
     with pytest.raises(SystemExit) as exit_info:
         bench_methods.parse_args(["--iters", "0"])
     assert exit_info.value.code == 2
+
+
+def test_targets_compare_the_named_rows():
+    """A target's ratio comes from its two rows: per-image times, memory above start, FLOPs."""
+    def res(time_s, batch, start, peak, flops):
+        return {"times_s": [time_s], "batch": batch, "start_mib": start, "peak_mib": peak,
+                "flops_per_image": flops}
+    results = {
+        ("patchify-256-p4", "cpu", "torch", "train"): res(1.0, 4, 0, 0, 0),
+        ("patchify-256-p4", "cpu", "torch", "sample"): res(1.0, 4, 0, 0, 110.0),
+        ("patchify-64-p1", "cpu", "torch", "train"): res(0.5, 2, 0, 0, 0),  # same per image
+        ("patchify-64-p1", "cpu", "torch", "sample"): res(1.0, 4, 0, 0, 100.0),
+        ("patch-128-n1", "cpu", "torch", "sample"): res(1.0, 8, 300.0, 1300.0, 1.0),
+        ("patch-128-n2-k1", "cpu", "torch", "sample"): res(1.0, 8, 300.0, 700.0, 1.0),
+    }
+    text = bench_methods.targets_table("cpu", "torch", results)
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines()[2:]}
+    flops = lines["patchify_ddpm: forward FLOPs per image, P = 4 at 256 vs P = 1 at 64"]
+    assert "| 1.1x | <= 1.05x | **missed** |" in flops
+    time_line = lines["patchify_ddpm: training step time, P = 4 at 256 vs P = 1 at 64"]
+    assert "| 1x | <= 1.15x | met |" in time_line
+    memory = lines["patch_ddpm 128x128, K = 1: sampling peak memory above start, N = 2 vs N = 1"]
+    assert "| 0.4x | <= 0.35x | **missed** |" in memory
+    assert len(lines) == 3                                          # unmeasured targets left out
