@@ -372,6 +372,10 @@ def finalize_args(args):
     for key in positive:
         if getattr(args, key) < 1:
             raise UserError(f"--{key} must be at least 1, got {getattr(args, key)}")
+    if args.schedule == "linear" and 0.02 * 1000 / args.timesteps >= 1:
+        raise UserError(f"--schedule linear with --timesteps {args.timesteps}: the betas end at "
+                        f"0.02 x 1000 / T = {20 / args.timesteps:g}, which must stay below 1; use "
+                        f"--timesteps 21 or more, or --schedule cosine")
     if args.sampling_steps > args.timesteps:
         raise UserError(f"--sampling_steps {args.sampling_steps} exceeds --timesteps "
                         f"{args.timesteps}")

@@ -524,8 +524,11 @@ def test_class_conditional_with_images_in_the_root(tmp_path, capsys):
     (["--sampling_steps", "20", "--timesteps", "10"], ["--sampling_steps 20", "--timesteps 10"]),
     (["--sampler", "foo"], ["--sampler", "invalid choice", "foo"]),
     (["--sample"], ["--checkpoint"]),
+    (["--schedule", "linear", "--timesteps", "20", "--sampling_steps", "4"],
+     ["--timesteps 20", "below 1", "--timesteps 21 or more"]),
 ], ids=["not_divisible", "base_channels_2", "image_size_abc", "image_size_0",
-        "sampling_steps_gt_timesteps", "unknown_choice", "sample_without_checkpoint"])
+        "sampling_steps_gt_timesteps", "unknown_choice", "sample_without_checkpoint",
+        "linear_schedule_too_short"])
 def test_bad_flags(tmp_path, capsys, flags, phrases):
     status, _, err = run_main([*TINY, "--output_dir", tmp_path / "run", *flags], capsys)
     assert_user_error(status, err, *phrases)
