@@ -30,10 +30,12 @@ The Triton kernels run only on CUDA tensors, so CPU rows always use the torch pa
 --precision bf16 wraps both training and sampling in autocast (ddpm.py --sample itself runs fp32).
 
     python bench/bench_methods.py --out bench/results/methods.md          # CPU, plus GPU if present
-    python bench/bench_methods.py --device cpu --suite patch_ddpm --iters 2 --warmup 1 \
-        --sample_iters 1 --sampling_steps 5 --out bench/results/patch_ddpm_cpu.md
-    python bench/bench_methods.py --device cpu --suite patchify_ddpm --iters 3 --warmup 1 \
-        --sample_iters 1 --out bench/results/patchify_ddpm_cpu.md
+    python bench/bench_methods.py --device cpu --suite patch_ddpm --threads 1 --iters 2 \
+        --warmup 1 --sample_iters 1 --sampling_steps 5 --out bench/results/patch_ddpm_cpu.md
+    python bench/bench_methods.py --device cpu --suite patchify_ddpm --threads 1 --iters 2 \
+        --warmup 1 --sample_iters 1 --out bench/results/patchify_ddpm_cpu.md
+    python bench/bench_methods.py --device cuda --suite patch_ddpm patchify_ddpm \
+        --out bench/results/patch_methods_gpu.md
     python bench/bench_methods.py --device cuda --out bench/results/methods_gpu.md
     python bench/bench_methods.py --device cuda --precision bf16 \
         --out bench/results/methods_gpu_bf16.md

@@ -25,6 +25,21 @@ def test_a_measurement_runs_in_a_fresh_process(phase):
     assert result["params"] > 0 and result["peak_mib"] >= result["rss_after_imports_mib"] > 0
 
 
+def test_patch_ddpm_rows_run_the_chunked_backward_and_count_flops():
+    """patch_ddpm.py's training_loss runs the backward pass itself (one patch chunk at a time):
+    the bench's training step goes through it; the sampling phase counts forward FLOPs."""
+    row = bench_methods.Row("tiny-patch", "patch_ddpm", "--image_size 16 --patch_divider 2 "
+                            "--patch_batch 1 --base_channels 32 --channel_mults 1,2 "
+                            "--attention_resolutions '' --batch_size 2")
+    args = bench_methods.parse_args(["--iters", "1", "--warmup", "0", "--sample_iters", "1",
+                                     "--sampling_steps", "2"])
+    for phase in ("train", "sample"):
+        result, error = bench_methods.measure(row, phase, "cpu", "torch", args)
+        assert error is None, error
+        assert result["peak_mib"] >= result["start_mib"] > 0
+    assert result["flops_per_image"] > 0
+
+
 def test_bad_counts_are_refused():
     with pytest.raises(SystemExit) as exit_info:
         bench_methods.parse_args(["--iters", "0"])

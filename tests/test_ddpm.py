@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import ddpm
+from testing_utils import judge_two_colour_samples, randomize, state_equal, two_colour_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,15 +43,6 @@ def trained(tmp_path_factory):
     """A 2-step class-conditional run on the built-in dataset (reused by the sampling tests)."""
     return train_run(tmp_path_factory.mktemp("run"), "cond", "--class_conditional", "--swa",
                      "--swa_start", "0")
-
-
-def randomize(model, seed=0):
-    """Give every parameter a random value (the untrained U-Net outputs exact zeros)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
 
 
 # ------------------------------------------------------------------------------------------------
@@ -408,15 +400,6 @@ def test_paper_preset_is_ho_et_al():
 # End to end
 
 
-def two_colour_folder(root, size=8, count=32):
-    """Flat images of two colours: trivially learnable."""
-    os.makedirs(root, exist_ok=True)
-    colours = [(230, 40, 40), (40, 60, 230)]
-    for i in range(count):
-        Image.new("RGB", (size, size), colours[i % 2]).save(os.path.join(root, f"{i:03d}.png"))
-    return np.array(colours) / 255.0
-
-
 def test_learns_two_colours(tmp_path):
     """A tiny model trained for 600 steps on flat red and blue images samples flat images close
     to red or blue, and both. The colour is decided at the noisiest steps, where the epsilon loss
@@ -436,29 +419,12 @@ def test_learns_two_colours(tmp_path):
     assert ddpm.main(["--sample", "--checkpoint", os.path.join(out, "checkpoints", "last.pt"),
                       "--num_samples", "16", "--sampling_steps", "25", "--output_dir",
                       samples]) == 0
-    distances, nearest, spread = [], [], []
-    for path in sorted(glob.glob(os.path.join(samples, "0*.png"))):
-        pixels = np.asarray(Image.open(path)).reshape(-1, 3) / 255.0
-        distance = np.abs(colours - pixels.mean(0)).max(1)          # to red, to blue
-        distances.append(distance.min())
-        nearest.append(distance.argmin())
-        spread.append(pixels.std(0).max())
-    distances = np.array(distances)
+    distances, nearest, spread = judge_two_colour_samples(samples, colours)
     assert len(distances) == 16
     # Close to red or blue: a blend of the two would be 0.37 away, an arbitrary colour ~0.5.
     assert np.median(distances) < 0.15 and (distances < 0.2).sum() >= 12, distances.round(2)
     assert np.median(spread) < 0.05, spread                         # flat images, not noise
     assert set(nearest) == {0, 1}                                   # both colours appear
-
-
-def state_equal(a, b):
-    if isinstance(a, torch.Tensor):
-        return torch.equal(a, b)
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(state_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(state_equal(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 def test_resume_is_exact(tmp_path):

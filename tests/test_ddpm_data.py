@@ -13,6 +13,7 @@ The model is tiny (16x16 images, 2 levels, batch 4, 2 steps) so the whole file r
 """
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -27,6 +28,7 @@ import torch
 from PIL import Image
 
 import ddpm
+import testing_utils
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,6 +42,11 @@ CHECKPOINT_KEYS = {"model", "ema", "optimizer", "scaler", "lr_scheduler", "step"
                    "method", "format_version", "swa"}
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
+
+
+# run_main, assert_user_error: the shared helpers, bound to ddpm.
+run_main = functools.partial(testing_utils.run_main, ddpm)
+assert_user_error = functools.partial(testing_utils.assert_user_error, ddpm)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -97,14 +104,6 @@ def text_as_jpg(path):
     return str(path)
 
 
-def run_main(argv, capsys):
-    """ddpm.main in-process: (exit status, stdout, stderr)."""
-    capsys.readouterr()                                             # drop earlier output
-    status = ddpm.main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
-
-
 UNREADABLE = re.compile(r"^ddpm\.py: warning: skipping (\d+) unreadable image file\(s\): (.+)$")
 
 
@@ -125,16 +124,6 @@ def assert_one_unreadable_warning(err, count, paths, alone=True):
     assert int(match.group(1)) == count, err
     for path in paths:
         assert path in match.group(2), f"{path!r} not in {err!r}"
-
-
-def assert_user_error(status, err, *phrases):
-    """Exit status 2 and exactly one line `ddpm.py: error: ...` that contains every phrase."""
-    assert status == 2, err
-    assert "Traceback" not in err
-    assert err.endswith("\n") and err.count("\n") == 1, f"not one line: {err!r}"
-    assert err.startswith("ddpm.py: error: "), err
-    for phrase in phrases:
-        assert phrase.lower() in err.lower(), f"{phrase!r} not in {err!r}"
 
 
 def run_cli(args, cwd=ROOT):

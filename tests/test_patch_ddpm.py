@@ -4,6 +4,7 @@ to end (learning coherent images across patch borders, exact resume, DDP), the C
 CONVENTIONS.md and bad input."""
 
 import contextlib
+import functools
 import glob
 import json
 import os
@@ -19,6 +20,8 @@ from PIL import Image
 
 import ddpm
 import patch_ddpm
+import testing_utils
+from testing_utils import randomize, state_equal
 from patch_ddpm import cut_patches, stitch_patches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,6 +35,11 @@ TINY = ["--image_size", "16", "--patch_divider", "2", "--base_channels", "32",
 
 CHECKPOINT_KEYS = {"model", "ema", "swa", "optimizer", "scaler", "lr_scheduler", "step", "args",
                    "rng", "method", "format_version"}
+
+
+# run_main, assert_user_error: the shared helpers, bound to patch_ddpm.
+run_main = functools.partial(testing_utils.run_main, patch_ddpm)
+assert_user_error = functools.partial(testing_utils.assert_user_error, patch_ddpm)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -62,29 +70,6 @@ def trained(tmp_path_factory):
     """A 2-step class-conditional run on the built-in dataset (reused by the CLI tests)."""
     return train_run(tmp_path_factory.mktemp("run"), "cond", "--class_conditional", "--swa",
                      "--swa_start", "0")
-
-
-def randomize(model, seed=0):
-    """Give every parameter a random value (the untrained U-Net outputs exact zeros)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
-
-
-def run_main(argv, capsys):
-    status = patch_ddpm.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
-def assert_user_error(status, err, *phrases):
-    assert status == 2, err
-    assert err.count("\n") == 1 and err.startswith("patch_ddpm.py: error: "), err
-    assert "Traceback" not in err
-    for phrase in phrases:
-        assert phrase in err, (phrase, err)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -398,16 +383,6 @@ def test_gcc_makes_the_patches_of_an_image_agree(sampler):
     distance = (out[:, None] - images[None]).abs().amax((2, 3, 4))  # (32, 2)
     assert distance.min(1).values.max() < 1e-3
     assert 8 <= (distance.argmin(1) == 0).sum() <= 24
-
-
-def state_equal(a, b):
-    if isinstance(a, torch.Tensor):
-        return torch.equal(a, b)
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(state_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(state_equal(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 def test_resume_is_exact(tmp_path):

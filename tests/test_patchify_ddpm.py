@@ -6,6 +6,7 @@ The shared code (data pipeline, EMA, checkpoints, ...) is ddpm.py's, kept identi
 tests/test_copies.py and tested in tests/test_ddpm*.py; this file tests what the method changes.
 """
 
+import functools
 import glob
 import json
 import math
@@ -22,6 +23,8 @@ from PIL import Image
 
 import ddpm
 import patchify_ddpm as pf
+import testing_utils
+from testing_utils import judge_two_colour_samples, randomize, state_equal, two_colour_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,6 +37,11 @@ TINY = ["--image_size", "16", "--patch_size", "2", "--base_channels", "32", "--c
 
 CHECKPOINT_KEYS = {"model", "ema", "optimizer", "scaler", "lr_scheduler", "step", "args", "rng",
                    "method", "format_version", "swa"}
+
+
+# run_main, assert_user_error: the shared helpers, bound to pf.
+run_main = functools.partial(testing_utils.run_main, pf)
+assert_user_error = functools.partial(testing_utils.assert_user_error, pf)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -64,32 +72,6 @@ def trained(tmp_path_factory):
     """A 2-step class-conditional run on the built-in dataset (reused by the CLI tests)."""
     return train_run(tmp_path_factory.mktemp("run"), "cond", "--class_conditional", "--swa",
                      "--swa_start", "0")
-
-
-def randomize(model, seed=0):
-    """Give every parameter a random value (the untrained U-Net outputs exact zeros)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
-
-
-def run_main(argv, capsys):
-    capsys.readouterr()
-    status = pf.main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
-
-
-def assert_user_error(status, err, *phrases):
-    """Exit status 2 and exactly one line `patchify_ddpm.py: error: ...` with every phrase."""
-    assert status == 2, err
-    assert "Traceback" not in err
-    assert err.endswith("\n") and err.count("\n") == 1, f"not one line: {err!r}"
-    assert err.startswith("patchify_ddpm.py: error: "), err
-    for phrase in phrases:
-        assert phrase.lower() in err.lower(), f"{phrase!r} not in {err!r}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -405,21 +387,12 @@ def test_paper_preset_without_a_paper_configuration(capsys):
 # End to end
 
 
-def two_colour_folder(root, size=16, count=32):
-    """Flat images of two colours: trivially learnable."""
-    os.makedirs(root, exist_ok=True)
-    colours = [(230, 40, 40), (40, 60, 230)]
-    for i in range(count):
-        Image.new("RGB", (size, size), colours[i % 2]).save(os.path.join(root, f"{i:03d}.png"))
-    return np.array(colours) / 255.0
-
-
 def test_learns_two_colours(tmp_path):
     """A tiny P = 4 model (a 4x4 grid of 48 channels) trained on flat red and blue 16x16 images
     samples flat images close to red or blue, and both (distances: the largest channel difference
     in [0, 1] units, over 16 samples). Flat output across patch borders shows that the patches
     agree; an untrained or broken model gives noise or arbitrary colours."""
-    colours = two_colour_folder(tmp_path / "data")
+    colours = two_colour_folder(tmp_path / "data", size=16)
     out = str(tmp_path / "run")
     argv = ["--dataset_path", str(tmp_path / "data"), "--image_size", "16", "--patch_size", "4",
             "--base_channels", "32", "--channel_mults", "1,2", "--num_res_blocks", "1",
@@ -432,28 +405,11 @@ def test_learns_two_colours(tmp_path):
     assert pf.main(["--sample", "--checkpoint", os.path.join(out, "checkpoints", "last.pt"),
                     "--num_samples", "16", "--sampling_steps", "25", "--output_dir",
                     samples]) == 0
-    distances, nearest, spread = [], [], []
-    for path in sorted(glob.glob(os.path.join(samples, "0*.png"))):
-        pixels = np.asarray(Image.open(path)).reshape(-1, 3) / 255.0
-        distance = np.abs(colours - pixels.mean(0)).max(1)          # to red, to blue
-        distances.append(distance.min())
-        nearest.append(distance.argmin())
-        spread.append(pixels.std(0).max())
-    distances = np.array(distances)
+    distances, nearest, spread = judge_two_colour_samples(samples, colours)
     assert len(distances) == 16
     assert np.median(distances) < 0.15 and (distances < 0.2).sum() >= 12, distances.round(2)
     assert np.median(spread) < 0.05, spread                         # flat images, not noise
     assert set(nearest) == {0, 1}                                   # both colours appear
-
-
-def state_equal(a, b):
-    if isinstance(a, torch.Tensor):
-        return torch.equal(a, b)
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(state_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(state_equal(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 def test_resume_is_exact(tmp_path):
