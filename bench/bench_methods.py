@@ -461,7 +461,7 @@ def targets_table(device, backend, results):
             continue
         ratio = a / b if target.op == "<=" else b / a
         met = ratio <= target.bound if target.op == "<=" else ratio >= target.bound
-        lines.append([target.text, f"`{target.row}` vs `{target.reference}`", f"{ratio:.3g}x",
+        lines.append([target.text, f"`{target.row}` vs `{target.reference}`", f"{ratio:.4g}x",
                       f"{target.op} {target.bound:g}x", "met" if met else "**missed**"])
     if not lines:
         return None
