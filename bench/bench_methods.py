@@ -34,6 +34,8 @@ The Triton kernels run only on CUDA tensors, so CPU rows always use the torch pa
         --warmup 1 --sample_iters 1 --sampling_steps 5 --out bench/results/patch_ddpm_cpu.md
     python bench/bench_methods.py --device cpu --suite patchify_ddpm --threads 1 --iters 2 \
         --warmup 1 --sample_iters 1 --out bench/results/patchify_ddpm_cpu.md
+    python bench/bench_methods.py --device cpu --rows patchify-64-p1-c128 patchify-256-p4-c128 \
+        --iters 3 --warmup 1 --sample_iters 1 --out bench/results/patchify_ddpm_c128_cpu.md
     python bench/bench_methods.py --device cuda --suite patch_ddpm patchify_ddpm \
         --out bench/results/patch_methods_gpu.md
     python bench/bench_methods.py --device cuda --out bench/results/methods_gpu.md
@@ -103,6 +105,14 @@ for _size, _p in ((64, 1), (256, 1), (256, 2), (256, 4)):
     ROWS.append(Row(f"patchify-{_size}-p{_p}", "patchify_ddpm",
                     f"--image_size {_size} --patch_size {_p} {PATCHIFY_UNET} --batch_size 4"))
 
+# The FLOP claim at a width nearer the paper's (c = 256 for its P = 4 rows): the 3x3 convolutions
+# from and to 3 P^2 channels grow with c, the U-Net body with c^2.
+for _size, _p in ((64, 1), (256, 4)):
+    ROWS.append(Row(f"patchify-{_size}-p{_p}-c128", "patchify_ddpm",
+                    f"--image_size {_size} --patch_size {_p} "
+                    + PATCHIFY_UNET.replace("--base_channels 64", "--base_channels 128")
+                    + " --batch_size 4"))
+
 SUITES = {"ddpm": "ddpm-", "patch_ddpm": "patch-", "patchify_ddpm": "patchify-"}
 
 
@@ -130,6 +140,10 @@ TARGETS = [
            "patchify-256-p4", "patchify-64-p1", "<=", 1.05),
     Target("patchify_ddpm: training step time, P = 4 at 256 vs P = 1 at 64", "train_time",
            "patchify-256-p4", "patchify-64-p1", "<=", 1.15),
+    Target("patchify_ddpm, base width 128: forward FLOPs per image, P = 4 at 256 vs P = 1 at 64",
+           "flops", "patchify-256-p4-c128", "patchify-64-p1-c128", "<=", 1.05),
+    Target("patchify_ddpm, base width 128: training step time, P = 4 at 256 vs P = 1 at 64",
+           "train_time", "patchify-256-p4-c128", "patchify-64-p1-c128", "<=", 1.15),
     Target("patchify_ddpm: training speed-up of P = 4 over P = 1, both at 256", "train_time",
            "patchify-256-p4", "patchify-256-p1", ">=", 10.0),
     Target("patchify_ddpm: sampling speed-up of P = 4 over P = 1, both at 256", "sample_time",
