@@ -1549,6 +1549,25 @@ def resume_checkpoint(namespace):
     return path, load_checkpoint(path)
 
 
+def micro_batch_step(model, diffusion, x0, y, args, scaler, autocast, sync):
+    """Forward and backward of one micro-batch, patch chunk by patch chunk: the loss of each
+    chunk is backpropagated as soon as it is computed, so only one chunk's activations are alive
+    (the memory saving of the method; ddpm.py runs one forward and one backward here). Under DDP
+    only the last chunk of a micro-batch with `sync` all-reduces (DDP decides at forward time, so
+    each chunk's forward runs in its no_sync context too). Returns this micro-batch's share of the
+    step's loss."""
+    def no_sync(last_chunk):
+        if (sync and last_chunk) or not isinstance(model, DistributedDataParallel):
+            return contextlib.nullcontext()
+        return model.no_sync()
+
+    loss = diffusion.training_loss(
+        model, x0, y, no_sync=no_sync, autocast=autocast,
+        backward=lambda chunk_loss: scaler.scale(chunk_loss / args.accumulation_iters).backward())
+    return loss.item() / args.accumulation_iters
+
+
+# Copied from ddpm.train
 def train(args, ckpt=None, ckpt_path=None):
     """The training loop. `ckpt` (from resume_checkpoint) continues a run where it stopped."""
     rank, world, device = setup_distributed()
@@ -1640,20 +1659,9 @@ def train(args, ckpt=None, ckpt_path=None):
         for micro in range(args.accumulation_iters):
             x0, y = make_batch(images, labels, stream.indices(step * args.accumulation_iters + micro),
                                args.hflip, device)
-            last_micro = micro == args.accumulation_iters - 1
-
-            def no_sync(last_chunk):
-                # DDP all-reduces gradients only in the backward of the last patch chunk of the
-                # last micro-batch; it decides at forward time, so the forward runs in here too.
-                sync = (last_micro and last_chunk) or world == 1
-                return contextlib.nullcontext() if sync else model.no_sync()
-            # The loss of each patch chunk is backpropagated as soon as it is computed, so only
-            # one chunk's activations are alive (the memory saving of the method).
-            loss = diffusion.training_loss(
-                model, x0, y, no_sync=no_sync, autocast=autocast,
-                backward=lambda chunk_loss: scaler.scale(chunk_loss / args.accumulation_iters)
-                .backward())
-            loss_sum += loss.item() / args.accumulation_iters
+            # DDP all-reduces gradients only in the backward of the last micro-batch.
+            sync = micro == args.accumulation_iters - 1 or world == 1
+            loss_sum += micro_batch_step(model, diffusion, x0, y, args, scaler, autocast, sync)
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                    args.grad_clip if args.grad_clip > 0 else math.inf)

@@ -1542,6 +1542,18 @@ def paper_adamw(args):
     return functools.partial(torch.optim.AdamW, betas=(0.9, args.adam_beta2))
 
 
+# Copied from ddpm.micro_batch_step
+def micro_batch_step(model, diffusion, x0, y, args, scaler, autocast, sync):
+    """Forward and backward of one micro-batch; gradients accumulate in the parameters. Under
+    DDP, `sync` False skips the all-reduce (DDP decides at forward time, so the forward runs in
+    no_sync too). Returns this micro-batch's share of the step's loss."""
+    with contextlib.nullcontext() if sync else model.no_sync():
+        with autocast:
+            loss = diffusion.training_loss(model, x0, y) / args.accumulation_iters
+        scaler.scale(loss).backward()
+    return loss.item()
+
+
 # Copied from ddpm.train with torch.optim.AdamW->paper_adamw(args)
 def train(args, ckpt=None, ckpt_path=None):
     """The training loop. `ckpt` (from resume_checkpoint) continues a run where it stopped."""
@@ -1636,11 +1648,7 @@ def train(args, ckpt=None, ckpt_path=None):
                                args.hflip, device)
             # DDP all-reduces gradients only in the backward of the last micro-batch.
             sync = micro == args.accumulation_iters - 1 or world == 1
-            with contextlib.nullcontext() if sync else model.no_sync():
-                with autocast:
-                    loss = diffusion.training_loss(model, x0, y) / args.accumulation_iters
-                scaler.scale(loss).backward()
-            loss_sum += loss.item()
+            loss_sum += micro_batch_step(model, diffusion, x0, y, args, scaler, autocast, sync)
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                    args.grad_clip if args.grad_clip > 0 else math.inf)
