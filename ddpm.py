@@ -1348,16 +1348,18 @@ def train(args, ckpt=None, ckpt_path=None):
         ema.load_state_dict(ckpt["ema"])
         if swa is not None and ckpt.get("swa") is not None:
             swa.load_state_dict(ckpt["swa"])
+        # load_state_dict restores the checkpoint's hyperparameters (lr, weight decay, betas,
+        # eps) with the moments; the ones this run was built with are put back afterwards, so an
+        # explicit flag on resume takes effect from here on (without one they are equal anyway).
+        current = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["lr_scheduler"])
         if ckpt["scaler"] and scaler.is_enabled():                  # empty unless fp16 before
             scaler.load_state_dict(ckpt["scaler"])
         step = ckpt["step"]
-        # An explicit --lr, --weight_decay or --max_steps on resume takes effect from here on
-        # (without them these are the values the checkpoint already holds).
         scheduler.base_lrs = [args.lr] * len(optimizer.param_groups)
-        for group in optimizer.param_groups:
-            group["initial_lr"], group["weight_decay"] = args.lr, args.weight_decay
+        for group, hyperparameters in zip(optimizer.param_groups, current):
+            group.update(hyperparameters)
             group["lr"] = args.lr * lr_lambda(step, args.warmup_steps, args.max_steps,
                                               args.lr_schedule)
         if world == 1:

@@ -433,6 +433,22 @@ def test_resume_is_exact(tmp_path):
     assert a["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.99)
 
 
+def test_explicit_adam_beta2_on_resume_reaches_the_optimizer(tmp_path):
+    """Loading the optimizer's state restores the checkpoint's betas; a --adam_beta2 given on
+    resume must replace them (a resumed run without it keeps the checkpoint's)."""
+    out = train_run(tmp_path, "run", "--adam_beta2", "0.99")
+
+    def betas():
+        ckpt = torch.load(os.path.join(out, "checkpoints", "last.pt"), weights_only=True)
+        return ckpt["args"]["adam_beta2"], ckpt["optimizer"]["param_groups"][0]["betas"]
+
+    assert pf.main(["--resume", "latest", "--output_dir", out, "--max_steps", "3"]) == 0
+    assert betas() == (0.99, (0.9, 0.99))
+    assert pf.main(["--resume", "latest", "--output_dir", out, "--max_steps", "4",
+                    "--adam_beta2", "0.95"]) == 0
+    assert betas() == (0.95, (0.9, 0.95))
+
+
 def test_torchrun_ddp_on_cpu(tmp_path):
     out = str(tmp_path / "ddp")
     env = dict(os.environ, OMP_NUM_THREADS="1")
