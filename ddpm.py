@@ -221,20 +221,20 @@ def build_parser():
         "values are shown where they differ. Explicit flags override the preset.",
     )
 
-    def add(name, help, **kw):
+    def add(group, name, help, **kw):
         key = name.lstrip("-")
         default = DEFAULTS[key]
         paper = PRESETS["paper"].get(key, default)
         shown = f"default: {default}" + (f"; paper: {paper}" if paper != default else "")
-        if paper is None and key == "channel_mults":
-            shown = f"default: {default}; paper: depends on --image_size"
-        p.add_argument(name, default=None, help=f"{help} ({shown})", **kw)
+        if paper is None:
+            shown = f"default: {default}; paper: chosen per --image_size (--dry_run shows it)"
+        group.add_argument(name, default=None, help=f"{help} ({shown})", **kw)
 
-    def flag(name, help):
+    def flag(group, name, help):
         key = name.lstrip("-")
-        p.add_argument(name, default=None, action="store_true",
-                       help=f"{help} (default: {'on' if DEFAULTS[key] else 'off'})")
-        p.add_argument(f"--no_{key}", dest=key, action="store_false", help=f"turn {name} off")
+        group.add_argument(name, default=None, action="store_true",
+                           help=f"{help} (default: {'on' if DEFAULTS[key] else 'off'})")
+        group.add_argument(f"--no_{key}", dest=key, action="store_false", help=f"turn {name} off")
 
     g = p.add_argument_group("mode")
     g.add_argument("--preset", choices=sorted(PRESETS), default="quick",
@@ -247,72 +247,75 @@ def build_parser():
                    help="print the resolved configuration and parameter count, then exit")
 
     g = p.add_argument_group("data")
-    add("--dataset_path", "folder of images, searched recursively; omit to use the built-in "
+    add(g, "--dataset_path", "folder of images, searched recursively; omit to use the built-in "
         "procedural landscapes")
-    add("--image_size", "training resolution, N or HxW")
-    flag("--class_conditional", "use the top-level subfolders of --dataset_path as class labels "
+    add(g, "--image_size", "training resolution, N or HxW")
+    flag(g, "--class_conditional", "use the top-level subfolders of --dataset_path as class labels "
          "(on the built-in dataset: day and dusk); enables classifier-free guidance")
-    flag("--hflip", "random horizontal flips")
-    add("--procedural_size", "number of built-in procedural images", type=int)
-    add("--num_workers", "threads that decode and resize the images once, at start-up", type=int)
+    flag(g, "--hflip", "random horizontal flips")
+    add(g, "--procedural_size", "number of built-in procedural images", type=int)
+    add(g, "--num_workers", "threads that decode and resize the images once, at start-up", type=int)
 
     g = p.add_argument_group("model")
-    add("--base_channels", "U-Net width at the highest resolution", type=int)
-    add("--channel_mults", "width multiplier per resolution level, comma-separated")
-    add("--num_res_blocks", "residual blocks per level", type=int)
-    add("--attention_resolutions", "feature-map sides (shorter side) whose levels get "
+    add(g, "--base_channels", "U-Net width at the highest resolution", type=int)
+    add(g, "--channel_mults", "width multiplier per resolution level, comma-separated")
+    add(g, "--num_res_blocks", "residual blocks per level", type=int)
+    add(g, "--attention_resolutions", "feature-map sides (shorter side) whose levels get "
         "self-attention, comma-separated, empty for none (the middle block always has it)")
-    add("--num_heads", "attention heads", type=int)
-    add("--dropout", "dropout in the residual blocks", type=float)
-    add("--label_dropout", "probability of replacing the class label by the null label in "
+    add(g, "--num_heads", "attention heads", type=int)
+    add(g, "--dropout", "dropout in the residual blocks", type=float)
+    add(g, "--label_dropout", "probability of replacing the class label by the null label in "
         "training (classifier-free guidance)", type=float)
 
     g = p.add_argument_group("diffusion")
-    add("--schedule", "noise schedule", choices=["linear", "cosine"])
-    add("--timesteps", "number of diffusion steps T", type=int)
-    add("--loss", "loss on the predicted noise (quickgrid used huber)",
-        choices=["mse", "l1", "huber"])
+    add(g, "--schedule", "noise schedule", choices=["linear", "cosine"])
+    add(g, "--timesteps", "number of diffusion steps T", type=int)
+    add(g, "--loss", "elementwise training loss: squared error, absolute error or Huber "
+        "(quickgrid used huber)", choices=["mse", "l1", "huber"])
 
     g = p.add_argument_group("optimisation")
-    add("--batch_size", "images per micro-batch per process (also the sampling batch)", type=int)
-    add("--accumulation_iters", "micro-batches per optimizer step", type=int)
-    add("--max_steps", "optimizer steps", type=int)
-    add("--lr", "peak learning rate (AdamW)", type=float)
-    add("--lr_schedule", "after the linear warmup: cosine decay to 0 at --max_steps, or constant",
-        choices=["cosine", "constant"])
-    add("--warmup_steps", "linear learning-rate warmup steps", type=int)
-    add("--weight_decay", "AdamW weight decay", type=float)
-    add("--grad_clip", "clip the gradient norm to this value (0: off)", type=float)
-    add("--precision", "autocast dtype; fp16 adds a GradScaler", choices=["fp32", "bf16", "fp16"])
-    add("--ema_decay", "EMA decay per optimizer step", type=float)
-    add("--ema_start", "optimizer steps before the EMA starts averaging (it copies until then)",
+    add(g, "--batch_size", "images per micro-batch per process (also the sampling batch)", type=int)
+    add(g, "--accumulation_iters", "micro-batches per optimizer step", type=int)
+    add(g, "--max_steps", "optimizer steps", type=int)
+    add(g, "--lr", "peak learning rate (AdamW)", type=float)
+    add(g, "--lr_schedule", "after the linear warmup: cosine decay to 0 at --max_steps, or "
+        "constant", choices=["cosine", "constant"])
+    add(g, "--warmup_steps", "linear learning-rate warmup steps", type=int)
+    add(g, "--weight_decay", "AdamW weight decay", type=float)
+    add(g, "--grad_clip", "clip the gradient norm to this value (0: off)", type=float)
+    add(g, "--precision", "autocast dtype; fp16 adds a GradScaler",
+        choices=["fp32", "bf16", "fp16"])
+    add(g, "--ema_decay", "EMA decay per optimizer step", type=float)
+    add(g, "--ema_start", "optimizer steps before the EMA starts averaging (it copies until then)",
         type=int)
-    flag("--swa", "also keep a stochastic weight average (torch.optim.swa_utils.AveragedModel)")
-    add("--swa_start", "optimizer step from which --swa averages", type=int)
-    add("--max_nonfinite_steps", "stop after this many consecutive steps with non-finite "
+    flag(g, "--swa", "also keep a stochastic weight average (torch.optim.swa_utils.AveragedModel)")
+    add(g, "--swa_start", "optimizer step from which --swa averages", type=int)
+    add(g, "--max_nonfinite_steps", "stop after this many consecutive steps with non-finite "
         "gradients", type=int)
 
     g = p.add_argument_group("bookkeeping")
-    add("--output_dir", f"run directory (training: runs/{METHOD}; sampling: "
+    add(g, "--output_dir", f"run directory (training: runs/{METHOD}; sampling: "
         f"runs/{METHOD}/generated)")
-    add("--save_every", "checkpoint every N optimizer steps (and at the end)", type=int)
-    add("--sample_every", "preview grid every N optimizer steps (and at the end)", type=int)
-    add("--log_every", "TensorBoard scalars every N optimizer steps", type=int)
-    add("--seed", "random seed", type=int)
-    add("--resume", "'latest' (OUTPUT_DIR/checkpoints/last.pt) or a checkpoint path")
-    add("--kernels", "group norm and attention implementation", choices=["auto", "triton", "torch"])
+    add(g, "--save_every", "checkpoint every N optimizer steps (and at the end)", type=int)
+    add(g, "--sample_every", "preview grid every N optimizer steps (and at the end)", type=int)
+    add(g, "--log_every", "TensorBoard scalars every N optimizer steps", type=int)
+    add(g, "--seed", "random seed", type=int)
+    add(g, "--resume", "'latest' (OUTPUT_DIR/checkpoints/last.pt) or a checkpoint path")
+    add(g, "--kernels", "group norm and attention implementation",
+        choices=["auto", "triton", "torch"])
 
     g = p.add_argument_group("sampling (previews during training, and --sample)")
-    add("--sampler", "ancestral DDPM (Ho et al. Alg. 2) or DDIM (Song et al. Eq. 12)",
+    add(g, "--sampler", "ancestral DDPM (Ho et al. Alg. 2) or DDIM (Song et al. Eq. 12)",
         choices=["ddpm", "ddim"])
-    add("--sampling_steps", "respaced number of sampling steps (<= --timesteps)", type=int)
-    add("--eta", "DDIM stochasticity: 0 deterministic, 1 ancestral", type=float)
-    add("--guidance_scale", "classifier-free guidance scale s: eps_u + s (eps_c - eps_u), which "
-        "is 1 + w in Ho & Salimans' Eq. 6; 1 is plain conditional sampling", type=float)
-    add("--class_label", "class to sample (default: cycle through the classes)", type=int)
-    add("--num_samples", "images to sample (also the preview grid size)", type=int)
-    add("--weights", "which weights --sample uses", choices=["ema", "model", "swa"])
-    flag("--save_gif", "with --sample: also write trajectory.gif of the denoising")
+    add(g, "--sampling_steps", "respaced number of sampling steps (<= --timesteps)", type=int)
+    add(g, "--eta", "DDIM stochasticity: 0 deterministic, 1 ancestral", type=float)
+    add(g, "--guidance_scale", "classifier-free guidance scale s: out_u + s (out_c - out_u) on the "
+        "network's unconditional and conditional outputs, which is 1 + w in Ho & Salimans' "
+        "Eq. 6; 1 is plain conditional sampling", type=float)
+    add(g, "--class_label", "class to sample (default: cycle through the classes)", type=int)
+    add(g, "--num_samples", "images to sample (also the preview grid size)", type=int)
+    add(g, "--weights", "which weights --sample uses", choices=["ema", "model", "swa"])
+    flag(g, "--save_gif", "with --sample: also write trajectory.gif of the denoising")
     return p
 
 
@@ -330,12 +333,9 @@ def resolve_args(namespace, base=None):
     return namespace
 
 
-def finalize_args(args):
-    """Parse the list-valued flags and check what can be checked before any work starts."""
-    args.image_size = parse_image_size(args.image_size if not isinstance(args.image_size, list)
-                                       else "x".join(map(str, args.image_size)))
-    if args.channel_mults is None:
-        args.channel_mults = paper_channel_mults(*args.image_size)
+def parse_unet_flags(args):
+    """--channel_mults and --attention_resolutions from text to lists; every level's width must be
+    a whole number of channels that group norm can split."""
     for key, convert in (("channel_mults", _float_list), ("attention_resolutions", _int_list)):
         value = getattr(args, key)
         if isinstance(value, str):
@@ -348,13 +348,13 @@ def finalize_args(args):
         if width != int(width) or width < 4:
             raise UserError(f"--base_channels {args.base_channels} x channel multiplier {m} = "
                             f"{width} channels; every level needs a whole number of at least 4")
-    factor = 2 ** (len(args.channel_mults) - 1)
-    h, w = args.image_size
-    if h % factor or w % factor:
-        raise UserError(f"--image_size {h}x{w} is not divisible by the U-Net's downsampling "
-                        f"factor {factor} (2^(levels-1) for --channel_mults "
-                        f"{','.join(map(str, args.channel_mults))}); use a multiple of {factor}")
-    sides = [min(h, w) // 2 ** level for level in range(len(args.channel_mults))]
+
+
+def check_attention(args, height, width, described="feature-map sides"):
+    """For a U-Net whose input is height x width: the attended levels' channels must split into
+    --num_heads heads, and an --attention_resolutions entry that names no level is worth a warning
+    (`described` says what the sides are of, in that warning)."""
+    sides = [min(height, width) // 2 ** level for level in range(len(args.channel_mults))]
     widths = [int(args.base_channels * m) for m in args.channel_mults]
     attended = [c for c, side in zip(widths, sides) if side in args.attention_resolutions]
     for channels in attended + widths[-1:]:                         # the middle block attends too
@@ -364,18 +364,18 @@ def finalize_args(args):
     unused = [r for r in args.attention_resolutions if r not in sides]
     if unused and int(os.environ.get("RANK", 0)) == 0:
         print(f"{METHOD}.py: warning: --attention_resolutions {','.join(map(str, unused))} "
-              f"matches no level (feature-map sides {','.join(map(str, sides))}); only the "
-              f"middle block and the matching levels attend", file=sys.stderr)
+              f"matches no level ({described} {','.join(map(str, sides))}); only the middle "
+              f"block and the matching levels attend", file=sys.stderr)
+
+
+def check_run_flags(args):
+    """The counts, probabilities and paths every run needs, checked before any work starts."""
     positive = ["batch_size", "accumulation_iters", "max_steps", "timesteps", "sampling_steps",
                 "num_samples", "save_every", "sample_every", "log_every", "num_heads",
                 "num_res_blocks", "num_workers", "procedural_size", "max_nonfinite_steps"]
     for key in positive:
         if getattr(args, key) < 1:
             raise UserError(f"--{key} must be at least 1, got {getattr(args, key)}")
-    if args.schedule == "linear" and 0.02 * 1000 / args.timesteps >= 1:
-        raise UserError(f"--schedule linear with --timesteps {args.timesteps}: the betas end at "
-                        f"0.02 x 1000 / T = {20 / args.timesteps:g}, which must stay below 1; use "
-                        f"--timesteps 21 or more, or --schedule cosine")
     if args.sampling_steps > args.timesteps:
         raise UserError(f"--sampling_steps {args.sampling_steps} exceeds --timesteps "
                         f"{args.timesteps}")
@@ -387,6 +387,27 @@ def finalize_args(args):
     if args.output_dir is None:
         args.output_dir = os.path.join("runs", METHOD, "generated" if args.sample else "")
         args.output_dir = args.output_dir.rstrip(os.sep)
+
+
+def finalize_args(args):
+    """Parse the list-valued flags and check what can be checked before any work starts."""
+    args.image_size = parse_image_size(args.image_size if not isinstance(args.image_size, list)
+                                       else "x".join(map(str, args.image_size)))
+    if args.channel_mults is None:
+        args.channel_mults = paper_channel_mults(*args.image_size)
+    parse_unet_flags(args)
+    factor = 2 ** (len(args.channel_mults) - 1)
+    h, w = args.image_size
+    if h % factor or w % factor:
+        raise UserError(f"--image_size {h}x{w} is not divisible by the U-Net's downsampling "
+                        f"factor {factor} (2^(levels-1) for --channel_mults "
+                        f"{','.join(map(str, args.channel_mults))}); use a multiple of {factor}")
+    check_attention(args, h, w)
+    check_run_flags(args)
+    if args.schedule == "linear" and 0.02 * 1000 / args.timesteps >= 1:
+        raise UserError(f"--schedule linear with --timesteps {args.timesteps}: the betas end at "
+                        f"0.02 x 1000 / T = {20 / args.timesteps:g}, which must stay below 1; use "
+                        f"--timesteps 21 or more, or --schedule cosine")
     return args
 
 
@@ -847,16 +868,18 @@ def build_model(args):
 # ------------------------------------------------------------------------------------------------
 
 
-def make_beta_schedule(kind, timesteps):
+def make_beta_schedule(kind, timesteps, beta_end=0.02):
     """beta_1..beta_T in float64.
 
-    linear (Ho et al. Sec. 4): beta from 1e-4 to 0.02 at T = 1000; for other T both ends are
-    scaled by 1000 / T so the total noise stays the same (Nichol & Dhariwal, Sec. 3.2 code).
+    linear (Ho et al. Sec. 4): beta from 1e-4 to `beta_end` (the paper's 0.02) at T = 1000; for
+    other T both ends are scaled by 1000 / T so the total noise stays the same (Nichol & Dhariwal,
+    Sec. 3.2 code).
     cosine (Nichol & Dhariwal Eq. 17): alpha_bar(t) = f(t) / f(0), f(t) = cos^2(((t/T + s) /
-    (1 + s)) pi/2), s = 0.008; beta_t = 1 - alpha_bar(t) / alpha_bar(t-1), clipped at 0.999."""
+    (1 + s)) pi/2), s = 0.008; beta_t = 1 - alpha_bar(t) / alpha_bar(t-1), clipped at 0.999
+    (`beta_end` does not apply)."""
     if kind == "linear":
         scale = 1000 / timesteps
-        return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64)
+        return torch.linspace(scale * 1e-4, scale * beta_end, timesteps, dtype=torch.float64)
     if kind == "cosine":
         s = 0.008
         steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps

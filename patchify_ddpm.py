@@ -102,23 +102,16 @@ class TrainingDiverged(Exception):
 
 
 # Every flag's default. The `quick` preset is these values; `paper` overrides some of them.
-# The quick preset trains at 256x256 with P = 8: the U-Net runs on a 32x32 grid with ddpm.py's
-# quick widths, so its body costs what `python ddpm.py` (32x32 images) costs; the 3x3 convolutions
-# from and to 3 P^2 = 192 channels add about half of that again at this narrow width (0.72 vs
-# 0.50 GFLOP per image; at the paper's widths they are a few percent).
-# 1024 built-in images instead of ddpm.py's 4096: at 256x256 they take 200 MB and ~15 s to draw.
-# Previews use 50 ancestral steps instead of the paper's 250 (the previews are for watching
-# training, and 250 steps of 16 samples would take longer than 100 training steps on a CPU).
+# Copied from ddpm.DEFAULTS
 DEFAULTS = {
     # data
     "dataset_path": None,
-    "image_size": "256",
+    "image_size": "32",
     "class_conditional": False,
     "hflip": True,
-    "procedural_size": 1024,
+    "procedural_size": 4096,
     "num_workers": 4,
     # model
-    "patch_size": 8,
     "base_channels": 32,
     "channel_mults": "1,2,2",
     "num_res_blocks": 1,
@@ -127,11 +120,9 @@ DEFAULTS = {
     "dropout": 0.0,
     "label_dropout": 0.1,
     # diffusion
-    "schedule": "linear",
-    "beta_end": 0.02,
+    "schedule": "cosine",
     "timesteps": 1000,
-    "target": "x0",
-    "loss_weight": "sqrt_snr",
+    "loss": "mse",
     # optimisation
     "batch_size": 32,
     "accumulation_iters": 1,
@@ -140,7 +131,6 @@ DEFAULTS = {
     "lr_schedule": "cosine",
     "warmup_steps": 100,
     "weight_decay": 0.0,
-    "adam_beta2": 0.999,
     "grad_clip": 1.0,
     "precision": "fp32",
     "ema_decay": 0.995,
@@ -157,7 +147,7 @@ DEFAULTS = {
     "resume": None,
     "kernels": "auto",
     # sampling
-    "sampler": "ddpm",
+    "sampler": "ddim",
     "sampling_steps": 50,
     "eta": 0.0,
     "guidance_scale": 1.0,
@@ -166,6 +156,25 @@ DEFAULTS = {
     "weights": "ema",
     "save_gif": False,
 }
+# What patchify_ddpm.py adds to ddpm.py's flags and changes in them. The quick preset trains at
+# 256x256 with P = 8: the U-Net runs on a 32x32 grid with ddpm.py's quick widths, so its body
+# costs what `python ddpm.py` (32x32 images) costs; the 3x3 convolutions from and to
+# 3 P^2 = 192 channels add about half of that again at this narrow width (0.72 vs 0.50 GFLOP per
+# image; at the paper's widths they are a few percent).
+# 1024 built-in images instead of ddpm.py's 4096: at 256x256 they take 200 MB and ~15 s to draw.
+# Previews use 50 ancestral steps instead of the paper's 250 (the previews are for watching
+# training, and 250 steps of 16 samples would take longer than 100 training steps on a CPU).
+DEFAULTS.update({
+    "image_size": "256",
+    "procedural_size": 1024,
+    "patch_size": 8,
+    "schedule": "linear",
+    "beta_end": 0.02,
+    "target": "x0",
+    "loss_weight": "sqrt_snr",
+    "adam_beta2": 0.999,
+    "sampler": "ddpm",
+})
 
 # `--preset paper`: the original configs.py (methods notes, section 2(c)). Shared by all rows: T =
 # 1000, linear betas from 1e-4, x0 target with sqrt(SNR) weighting, dropout 0, attention at grid
@@ -261,35 +270,34 @@ def parse_image_size(text):
     return size
 
 
-def build_parser():
+# Copied from ddpm.build_parser with build_parser->build_shared_parser
+def build_shared_parser():
     p = _Parser(
         prog=f"{METHOD}.py",
-        description="Train a patched DDPM (Luhman & Luhman 2022: the U-Net runs on P x P "
-        "patches stacked as channels) on a folder of images (or the built-in dataset), or "
-        "sample from a checkpoint with --sample. Defaults are the 'quick' preset; '--preset "
-        "paper' values are shown where they differ. Explicit flags override the preset.",
+        description="Train a DDPM on a folder of images (or the built-in dataset), or sample from "
+        "a checkpoint with --sample. Defaults are the 'quick' preset; '--preset paper' "
+        "values are shown where they differ. Explicit flags override the preset.",
     )
 
-    def add(name, help, **kw):
+    def add(group, name, help, **kw):
         key = name.lstrip("-")
         default = DEFAULTS[key]
         paper = PRESETS["paper"].get(key, default)
         shown = f"default: {default}" + (f"; paper: {paper}" if paper != default else "")
         if paper is None:
-            shown = f"default: {default}; paper: depends on --image_size and --patch_size"
-        p.add_argument(name, default=None, help=f"{help} ({shown})", **kw)
+            shown = f"default: {default}; paper: chosen per --image_size (--dry_run shows it)"
+        group.add_argument(name, default=None, help=f"{help} ({shown})", **kw)
 
-    def flag(name, help):
+    def flag(group, name, help):
         key = name.lstrip("-")
-        p.add_argument(name, default=None, action="store_true",
-                       help=f"{help} (default: {'on' if DEFAULTS[key] else 'off'})")
-        p.add_argument(f"--no_{key}", dest=key, action="store_false", help=f"turn {name} off")
+        group.add_argument(name, default=None, action="store_true",
+                           help=f"{help} (default: {'on' if DEFAULTS[key] else 'off'})")
+        group.add_argument(f"--no_{key}", dest=key, action="store_false", help=f"turn {name} off")
 
     g = p.add_argument_group("mode")
     g.add_argument("--preset", choices=sorted(PRESETS), default="quick",
                    help="'quick': a useful run on a 2-core CPU in minutes; 'paper': the "
-                   "original configuration for --image_size 256 with --patch_size 2, 4 or 8 "
-                   "(LSUN) or --image_size 1024 with --patch_size 4 (FFHQ) (default: quick)")
+                   "published configuration (default: quick)")
     g.add_argument("--sample", action="store_true",
                    help="sample from --checkpoint instead of training")
     g.add_argument("--checkpoint", default=None, help="checkpoint to sample from (with --sample)")
@@ -297,83 +305,109 @@ def build_parser():
                    help="print the resolved configuration and parameter count, then exit")
 
     g = p.add_argument_group("data")
-    add("--dataset_path", "folder of images, searched recursively; omit to use the built-in "
+    add(g, "--dataset_path", "folder of images, searched recursively; omit to use the built-in "
         "procedural landscapes")
-    add("--image_size", "training resolution, N or HxW")
-    flag("--class_conditional", "use the top-level subfolders of --dataset_path as class labels "
+    add(g, "--image_size", "training resolution, N or HxW")
+    flag(g, "--class_conditional", "use the top-level subfolders of --dataset_path as class labels "
          "(on the built-in dataset: day and dusk); enables classifier-free guidance")
-    flag("--hflip", "random horizontal flips")
-    add("--procedural_size", "number of built-in procedural images", type=int)
-    add("--num_workers", "threads that decode and resize the images once, at start-up", type=int)
+    flag(g, "--hflip", "random horizontal flips")
+    add(g, "--procedural_size", "number of built-in procedural images", type=int)
+    add(g, "--num_workers", "threads that decode and resize the images once, at start-up", type=int)
 
     g = p.add_argument_group("model")
-    add("--patch_size", "patch side P: the U-Net runs on an (H/P) x (W/P) grid of 3 P^2 "
-        "channels", type=int, choices=[1, 2, 4, 8])
-    add("--base_channels", "U-Net width at the grid's resolution (also the position "
-        "encoding's channels: an even number)", type=int)
-    add("--channel_mults", "width multiplier per resolution level, comma-separated")
-    add("--num_res_blocks", "residual blocks per level", type=int)
-    add("--attention_resolutions", "grid (feature-map) sides, shorter side, whose levels get "
-        "self-attention, comma-separated, empty for none (the middle block always has it); "
-        "with --patch_size P the first level's side is the image side / P")
-    add("--num_heads", "attention heads", type=int)
-    add("--dropout", "dropout in the residual blocks", type=float)
-    add("--label_dropout", "probability of replacing the class label by the null label in "
+    add(g, "--base_channels", "U-Net width at the highest resolution", type=int)
+    add(g, "--channel_mults", "width multiplier per resolution level, comma-separated")
+    add(g, "--num_res_blocks", "residual blocks per level", type=int)
+    add(g, "--attention_resolutions", "feature-map sides (shorter side) whose levels get "
+        "self-attention, comma-separated, empty for none (the middle block always has it)")
+    add(g, "--num_heads", "attention heads", type=int)
+    add(g, "--dropout", "dropout in the residual blocks", type=float)
+    add(g, "--label_dropout", "probability of replacing the class label by the null label in "
         "training (classifier-free guidance)", type=float)
 
     g = p.add_argument_group("diffusion")
-    add("--schedule", "noise schedule", choices=["linear", "cosine"])
-    add("--beta_end", "last beta of the linear schedule (at T = 1000; scaled by 1000 / T "
-        "otherwise); the original uses 0.02 for LSUN and ImageNet, 0.025 for FFHQ", type=float)
-    add("--timesteps", "number of diffusion steps T", type=int)
-    add("--target", "what the network predicts: x0 (the paper) or the noise eps (ddpm.py)",
-        choices=["x0", "eps"])
-    add("--loss_weight", "w(t) in the loss w(t) ||x0 - x0_hat||^2 (paper Sec. 3): sqrt_snr "
-        "(the paper), snr (equals ddpm.py's unweighted eps loss), none",
-        choices=["sqrt_snr", "snr", "none"])
+    add(g, "--schedule", "noise schedule", choices=["linear", "cosine"])
+    add(g, "--timesteps", "number of diffusion steps T", type=int)
+    add(g, "--loss", "elementwise training loss: squared error, absolute error or Huber "
+        "(quickgrid used huber)", choices=["mse", "l1", "huber"])
 
     g = p.add_argument_group("optimisation")
-    add("--batch_size", "images per micro-batch per process (also the sampling batch)", type=int)
-    add("--accumulation_iters", "micro-batches per optimizer step", type=int)
-    add("--max_steps", "optimizer steps", type=int)
-    add("--lr", "peak learning rate (AdamW)", type=float)
-    add("--lr_schedule", "after the linear warmup: cosine decay to 0 at --max_steps, or constant",
-        choices=["cosine", "constant"])
-    add("--warmup_steps", "linear learning-rate warmup steps", type=int)
-    add("--weight_decay", "AdamW weight decay", type=float)
-    add("--adam_beta2", "AdamW's second-moment decay beta2 (beta1 is 0.9)", type=float)
-    add("--grad_clip", "clip the gradient norm to this value (0: off)", type=float)
-    add("--precision", "autocast dtype; fp16 adds a GradScaler", choices=["fp32", "bf16", "fp16"])
-    add("--ema_decay", "EMA decay per optimizer step", type=float)
-    add("--ema_start", "optimizer steps before the EMA starts averaging (it copies until then)",
+    add(g, "--batch_size", "images per micro-batch per process (also the sampling batch)", type=int)
+    add(g, "--accumulation_iters", "micro-batches per optimizer step", type=int)
+    add(g, "--max_steps", "optimizer steps", type=int)
+    add(g, "--lr", "peak learning rate (AdamW)", type=float)
+    add(g, "--lr_schedule", "after the linear warmup: cosine decay to 0 at --max_steps, or "
+        "constant", choices=["cosine", "constant"])
+    add(g, "--warmup_steps", "linear learning-rate warmup steps", type=int)
+    add(g, "--weight_decay", "AdamW weight decay", type=float)
+    add(g, "--grad_clip", "clip the gradient norm to this value (0: off)", type=float)
+    add(g, "--precision", "autocast dtype; fp16 adds a GradScaler",
+        choices=["fp32", "bf16", "fp16"])
+    add(g, "--ema_decay", "EMA decay per optimizer step", type=float)
+    add(g, "--ema_start", "optimizer steps before the EMA starts averaging (it copies until then)",
         type=int)
-    flag("--swa", "also keep a stochastic weight average (torch.optim.swa_utils.AveragedModel)")
-    add("--swa_start", "optimizer step from which --swa averages", type=int)
-    add("--max_nonfinite_steps", "stop after this many consecutive steps with non-finite "
+    flag(g, "--swa", "also keep a stochastic weight average (torch.optim.swa_utils.AveragedModel)")
+    add(g, "--swa_start", "optimizer step from which --swa averages", type=int)
+    add(g, "--max_nonfinite_steps", "stop after this many consecutive steps with non-finite "
         "gradients", type=int)
 
     g = p.add_argument_group("bookkeeping")
-    add("--output_dir", f"run directory (training: runs/{METHOD}; sampling: "
+    add(g, "--output_dir", f"run directory (training: runs/{METHOD}; sampling: "
         f"runs/{METHOD}/generated)")
-    add("--save_every", "checkpoint every N optimizer steps (and at the end)", type=int)
-    add("--sample_every", "preview grid every N optimizer steps (and at the end)", type=int)
-    add("--log_every", "TensorBoard scalars every N optimizer steps", type=int)
-    add("--seed", "random seed", type=int)
-    add("--resume", "'latest' (OUTPUT_DIR/checkpoints/last.pt) or a checkpoint path")
-    add("--kernels", "group norm and attention implementation", choices=["auto", "triton", "torch"])
+    add(g, "--save_every", "checkpoint every N optimizer steps (and at the end)", type=int)
+    add(g, "--sample_every", "preview grid every N optimizer steps (and at the end)", type=int)
+    add(g, "--log_every", "TensorBoard scalars every N optimizer steps", type=int)
+    add(g, "--seed", "random seed", type=int)
+    add(g, "--resume", "'latest' (OUTPUT_DIR/checkpoints/last.pt) or a checkpoint path")
+    add(g, "--kernels", "group norm and attention implementation",
+        choices=["auto", "triton", "torch"])
 
     g = p.add_argument_group("sampling (previews during training, and --sample)")
-    add("--sampler", "ancestral DDPM (Ho et al. Alg. 2, as the paper) or DDIM (Song et al. "
-        "Eq. 12)", choices=["ddpm", "ddim"])
-    add("--sampling_steps", "respaced number of sampling steps (<= --timesteps)", type=int)
-    add("--eta", "DDIM stochasticity: 0 deterministic, 1 ancestral", type=float)
-    add("--guidance_scale", "classifier-free guidance scale s: out_u + s (out_c - out_u) on the "
-        "network's prediction (x0 or eps: the same result), 1 + w in Ho & Salimans' Eq. 6; 1 is "
-        "plain conditional sampling", type=float)
-    add("--class_label", "class to sample (default: cycle through the classes)", type=int)
-    add("--num_samples", "images to sample (also the preview grid size)", type=int)
-    add("--weights", "which weights --sample uses", choices=["ema", "model", "swa"])
-    flag("--save_gif", "with --sample: also write trajectory.gif of the denoising")
+    add(g, "--sampler", "ancestral DDPM (Ho et al. Alg. 2) or DDIM (Song et al. Eq. 12)",
+        choices=["ddpm", "ddim"])
+    add(g, "--sampling_steps", "respaced number of sampling steps (<= --timesteps)", type=int)
+    add(g, "--eta", "DDIM stochasticity: 0 deterministic, 1 ancestral", type=float)
+    add(g, "--guidance_scale", "classifier-free guidance scale s: out_u + s (out_c - out_u) on the "
+        "network's unconditional and conditional outputs, which is 1 + w in Ho & Salimans' "
+        "Eq. 6; 1 is plain conditional sampling", type=float)
+    add(g, "--class_label", "class to sample (default: cycle through the classes)", type=int)
+    add(g, "--num_samples", "images to sample (also the preview grid size)", type=int)
+    add(g, "--weights", "which weights --sample uses", choices=["ema", "model", "swa"])
+    flag(g, "--save_gif", "with --sample: also write trajectory.gif of the denoising")
+    return p
+
+
+def build_parser():
+    """ddpm.py's flags, plus the patch size and the paper's objective and optimiser settings."""
+    p = build_shared_parser()
+    p.description = ("Train a patched DDPM (Luhman & Luhman 2022: the U-Net runs on P x P patches "
+                     "stacked as channels) on a folder of images (or the built-in dataset), or "
+                     "sample from a checkpoint with --sample. Defaults are the 'quick' preset; "
+                     "'--preset paper' values are shown where they differ. Explicit flags "
+                     "override the preset.")
+
+    def add(group, name, help, **kw):
+        key = name.lstrip("-")
+        default, paper = DEFAULTS[key], PRESETS["paper"].get(key, DEFAULTS[key])
+        shown = f"default: {default}" + (f"; paper: {paper}" if paper != default else "")
+        if paper is None:
+            shown = f"default: {default}; paper: chosen per --image_size and --patch_size"
+        group.add_argument(name, default=None, help=f"{help} ({shown})", **kw)
+
+    g = p.add_argument_group("patches and objective (Luhman & Luhman 2022)")
+    add(g, "--patch_size", "patch side P: the U-Net runs on an (H/P) x (W/P) grid of 3 P^2 "
+        "channels, so --attention_resolutions name grid sides (the image side / P) and "
+        "--base_channels, also the width of the grid's position encoding, must be even. "
+        "--preset paper has the original rows for --image_size 256 with P = 2, 4, 8 (LSUN) and "
+        "--image_size 1024 with P = 4 (FFHQ)", type=int, choices=[1, 2, 4, 8])
+    add(g, "--beta_end", "last beta of the linear schedule (at T = 1000; scaled by 1000 / T "
+        "otherwise); the original uses 0.02 for LSUN and ImageNet, 0.025 for FFHQ", type=float)
+    add(g, "--target", "what the network predicts: x0 (the paper) or the noise eps (ddpm.py); the "
+        "loss is on x0 either way", choices=["x0", "eps"])
+    add(g, "--loss_weight", "w(t) in the loss w(t) ||x0 - x0_hat||^2 (paper Sec. 3): sqrt_snr "
+        "(the paper), snr (with --target eps: ddpm.py's unweighted eps loss), none",
+        choices=["sqrt_snr", "snr", "none"])
+    add(g, "--adam_beta2", "AdamW's second-moment decay beta2 (beta1 is 0.9)", type=float)
     return p
 
 
@@ -408,14 +442,10 @@ def apply_paper_config(args):
         setattr(args, k, PAPER_CONFIGS[key][k])
 
 
-def finalize_args(args):
-    """Parse the list-valued flags and check what can be checked before any work starts. As in
-    ddpm.py, except that the U-Net's sizes are those of the patch grid: the image sides must be
-    divisible by P times the U-Net's downsampling factor, and attention resolutions are grid
-    sides."""
-    args.image_size = parse_image_size(args.image_size if not isinstance(args.image_size, list)
-                                       else "x".join(map(str, args.image_size)))
-    apply_paper_config(args)
+# Copied from ddpm.parse_unet_flags
+def parse_unet_flags(args):
+    """--channel_mults and --attention_resolutions from text to lists; every level's width must be
+    a whole number of channels that group norm can split."""
     for key, convert in (("channel_mults", _float_list), ("attention_resolutions", _int_list)):
         value = getattr(args, key)
         if isinstance(value, str):
@@ -423,23 +453,19 @@ def finalize_args(args):
     args.channel_mults = [int(m) if float(m).is_integer() else m for m in args.channel_mults]
     if not args.channel_mults:
         raise UserError("--channel_mults needs at least one level, e.g. 1,2,2")
-    if args.base_channels < 4 or args.base_channels % 2:
-        raise UserError(f"--base_channels {args.base_channels}: the position encoding needs an "
-                        f"even number of at least 4 (half for x, half for y)")
     for m in args.channel_mults:
         width = args.base_channels * m
         if width != int(width) or width < 4:
             raise UserError(f"--base_channels {args.base_channels} x channel multiplier {m} = "
                             f"{width} channels; every level needs a whole number of at least 4")
-    factor = 2 ** (len(args.channel_mults) - 1)
-    h, w = args.image_size
-    p = args.patch_size
-    if h % (p * factor) or w % (p * factor):
-        raise UserError(f"--image_size {h}x{w} is not divisible by --patch_size {p} x the "
-                        f"U-Net's downsampling factor {factor} (2^(levels-1) for --channel_mults "
-                        f"{','.join(map(str, args.channel_mults))}) = {p * factor}; use a "
-                        f"multiple of {p * factor}, or a smaller --patch_size or fewer levels")
-    sides = [min(h, w) // p // 2 ** level for level in range(len(args.channel_mults))]
+
+
+# Copied from ddpm.check_attention
+def check_attention(args, height, width, described="feature-map sides"):
+    """For a U-Net whose input is height x width: the attended levels' channels must split into
+    --num_heads heads, and an --attention_resolutions entry that names no level is worth a warning
+    (`described` says what the sides are of, in that warning)."""
+    sides = [min(height, width) // 2 ** level for level in range(len(args.channel_mults))]
     widths = [int(args.base_channels * m) for m in args.channel_mults]
     attended = [c for c, side in zip(widths, sides) if side in args.attention_resolutions]
     for channels in attended + widths[-1:]:                         # the middle block attends too
@@ -449,8 +475,13 @@ def finalize_args(args):
     unused = [r for r in args.attention_resolutions if r not in sides]
     if unused and int(os.environ.get("RANK", 0)) == 0:
         print(f"{METHOD}.py: warning: --attention_resolutions {','.join(map(str, unused))} "
-              f"matches no level (grid sides {','.join(map(str, sides))} with --patch_size {p}); "
-              f"only the middle block and the matching levels attend", file=sys.stderr)
+              f"matches no level ({described} {','.join(map(str, sides))}); only the middle "
+              f"block and the matching levels attend", file=sys.stderr)
+
+
+# Copied from ddpm.check_run_flags
+def check_run_flags(args):
+    """The counts, probabilities and paths every run needs, checked before any work starts."""
     positive = ["batch_size", "accumulation_iters", "max_steps", "timesteps", "sampling_steps",
                 "num_samples", "save_every", "sample_every", "log_every", "num_heads",
                 "num_res_blocks", "num_workers", "procedural_size", "max_nonfinite_steps"]
@@ -460,21 +491,46 @@ def finalize_args(args):
     if args.sampling_steps > args.timesteps:
         raise UserError(f"--sampling_steps {args.sampling_steps} exceeds --timesteps "
                         f"{args.timesteps}")
-    for key in ("dropout", "label_dropout", "ema_decay", "adam_beta2"):
+    for key in ("dropout", "label_dropout", "ema_decay"):
         if not 0.0 <= getattr(args, key) < 1.0:
             raise UserError(f"--{key} must be in [0, 1), got {getattr(args, key)}")
-    if not 0.0 < args.beta_end * 1000 / args.timesteps < 1.0:
-        raise UserError(f"--beta_end {args.beta_end} x 1000 / --timesteps {args.timesteps} must "
-                        f"be in (0, 1); lower --beta_end or raise --timesteps")
     if args.dataset_path is not None and not os.path.isdir(args.dataset_path):
         raise UserError(f"--dataset_path {args.dataset_path} is not a folder")
     if args.output_dir is None:
         args.output_dir = os.path.join("runs", METHOD, "generated" if args.sample else "")
         args.output_dir = args.output_dir.rstrip(os.sep)
+
+
+def finalize_args(args):
+    """Parse the list-valued flags and check what can be checked before any work starts. As in
+    ddpm.py, except that the U-Net's sizes are those of the patch grid: the image sides must be
+    divisible by P times the U-Net's downsampling factor, and attention resolutions are grid
+    sides."""
+    args.image_size = parse_image_size(args.image_size if not isinstance(args.image_size, list)
+                                       else "x".join(map(str, args.image_size)))
+    apply_paper_config(args)
+    parse_unet_flags(args)
+    if args.base_channels < 4 or args.base_channels % 2:
+        raise UserError(f"--base_channels {args.base_channels}: the position encoding needs an "
+                        f"even number of at least 4 (half for x, half for y)")
+    factor = 2 ** (len(args.channel_mults) - 1)
+    h, w = args.image_size
+    p = args.patch_size
+    if h % (p * factor) or w % (p * factor):
+        raise UserError(f"--image_size {h}x{w} is not divisible by --patch_size {p} x the "
+                        f"U-Net's downsampling factor {factor} (2^(levels-1) for --channel_mults "
+                        f"{','.join(map(str, args.channel_mults))}) = {p * factor}; use a "
+                        f"multiple of {p * factor}, or a smaller --patch_size or fewer levels")
+    check_attention(args, h // p, w // p, f"grid sides with --patch_size {p}:")
+    check_run_flags(args)
+    if not 0.0 <= args.adam_beta2 < 1.0:
+        raise UserError(f"--adam_beta2 must be in [0, 1), got {args.adam_beta2}")
+    if not 0.0 < args.beta_end * 1000 / args.timesteps < 1.0:
+        raise UserError(f"--beta_end {args.beta_end} x 1000 / --timesteps {args.timesteps} must "
+                        f"be in (0, 1); lower --beta_end or raise --timesteps")
     return args
 
 
-# Copied from ddpm.parse_args
 def parse_args(argv=None):
     """Command line -> resolved namespace (preset applied, lists parsed, sizes checked)."""
     return finalize_args(resolve_args(build_parser().parse_args(argv)))
@@ -1035,15 +1091,16 @@ def build_model(args):
 # ------------------------------------------------------------------------------------------------
 
 
+# Copied from ddpm.make_beta_schedule
 def make_beta_schedule(kind, timesteps, beta_end=0.02):
     """beta_1..beta_T in float64.
 
-    linear (Ho et al. Sec. 4; the paper's configs): beta from 1e-4 to `beta_end` at T = 1000
-    (the original uses 0.02, and 0.025 for FFHQ-1024); for other T both ends are scaled by
-    1000 / T so the total noise stays the same (Nichol & Dhariwal, Sec. 3.2 code).
-    cosine (Nichol & Dhariwal Eq. 17), kept as an option: alpha_bar(t) = f(t) / f(0),
-    f(t) = cos^2(((t/T + s) / (1 + s)) pi/2), s = 0.008; beta_t = 1 - alpha_bar(t) /
-    alpha_bar(t-1), clipped at 0.999 (`beta_end` does not apply)."""
+    linear (Ho et al. Sec. 4): beta from 1e-4 to `beta_end` (the paper's 0.02) at T = 1000; for
+    other T both ends are scaled by 1000 / T so the total noise stays the same (Nichol & Dhariwal,
+    Sec. 3.2 code).
+    cosine (Nichol & Dhariwal Eq. 17): alpha_bar(t) = f(t) / f(0), f(t) = cos^2(((t/T + s) /
+    (1 + s)) pi/2), s = 0.008; beta_t = 1 - alpha_bar(t) / alpha_bar(t-1), clipped at 0.999
+    (`beta_end` does not apply)."""
     if kind == "linear":
         scale = 1000 / timesteps
         return torch.linspace(scale * 1e-4, scale * beta_end, timesteps, dtype=torch.float64)
@@ -1066,9 +1123,10 @@ class GaussianDiffusion(nn.Module):
     """The forward process and everything derived from the betas, as in ddpm.py (float64, stored
     as float32 buffers; index t is the paper's step t+1; `respace` and `timestep_map` likewise),
     for a network that predicts x0 (`target="x0"`, the paper) or eps (`target="eps"`), trained
-    with the weighted x0 loss of the paper (Sec. 3): `loss_weight` is w(t) below."""
+    with the weighted x0 loss of the paper (Sec. 3): `loss_weight` is w(t) below, `loss` the
+    elementwise error (squared in the paper)."""
 
-    def __init__(self, betas, target="x0", loss_weight="sqrt_snr", timestep_map=None):
+    def __init__(self, betas, target="x0", loss_weight="sqrt_snr", loss="mse", timestep_map=None):
         super().__init__()
         betas = betas.double()
         alphas = 1.0 - betas
@@ -1100,7 +1158,7 @@ class GaussianDiffusion(nn.Module):
             timestep_map = torch.arange(len(betas))
         self.register_buffer("timestep_map", timestep_map.long(), persistent=False)
         self.num_timesteps = len(betas)
-        self.target, self.loss_weight = target, loss_weight
+        self.target, self.loss_weight, self.loss = target, loss_weight, loss
         self.alphas_cumprod_f64 = alphas_cumprod                      # for exact respacing
 
     # Copied from ddpm.GaussianDiffusion.q_sample
@@ -1169,7 +1227,7 @@ class GaussianDiffusion(nn.Module):
         alpha_bar = self.alphas_cumprod_f64[use]
         alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
         betas = 1 - alpha_bar / alpha_bar_prev
-        return GaussianDiffusion(betas, self.target, self.loss_weight,
+        return GaussianDiffusion(betas, self.target, self.loss_weight, self.loss,
                                  timestep_map=use).to(self.betas.device)
 
     def weight(self, t):
@@ -1185,19 +1243,21 @@ class GaussianDiffusion(nn.Module):
         eps ~ N(0, I), x_t = q_sample(x0, t, eps):
             L = w(t) || x0 - x0_hat(x_t, t, y) ||^2,   w(t) = sqrt(SNR_t) by default,
         averaged over pixels and batch (the original sums over pixels; with Adam that changes
-        only what the gradient-clipping threshold means). With `target="eps"` the same loss is
-        computed from eps_hat: x0 - x0_hat = -(eps - eps_hat) / sqrt(SNR_t) (Ho et al. Eq. 4), so
+        only what the gradient-clipping threshold means). With `target="eps"` the network's
+        eps_hat gives x0_hat by Eq. 4 (predict_x0_from_eps), and x0 - x0_hat = (eps_hat - eps) /
+        sqrt(SNR_t), so the same loss is
             L = w(t) / SNR_t || eps - eps_hat ||^2,
-        and w = snr gives ddpm.py's L_simple (Ho et al. Eq. 14) exactly. Every t is trained
-        (the original never draws t = 999 and limits t to an SNR range)."""
+        and w = snr gives ddpm.py's L_simple (Ho et al. Eq. 14) exactly. `loss` = "l1" or
+        "huber" replaces the squared error (not in the paper; ddpm.py has the same choice).
+        Every t is trained (the original never draws t = 999 and limits t to an SNR range)."""
         t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
         noise = torch.randn_like(x0)
-        out = model(self.q_sample(x0, t, noise), self.timestep_map[t], y).float()
-        if self.target == "x0":
-            weight, error = self.weight(t), (out - x0) ** 2
-        else:
-            weight, error = self.weight(t) / self.snr[t], (out - noise) ** 2
-        return (weight.reshape(-1, 1, 1, 1) * error).mean()
+        x_t = self.q_sample(x0, t, noise)
+        out = model(x_t, self.timestep_map[t], y).float()
+        x0_hat = out if self.target == "x0" else self.predict_x0_from_eps(x_t.float(), t, out)
+        error = {"mse": F.mse_loss, "l1": F.l1_loss, "huber": F.smooth_l1_loss}[self.loss](
+            x0_hat, x0.float(), reduction="none")
+        return (self.weight(t).reshape(-1, 1, 1, 1) * error).mean()
 
     def predict_x0(self, model, x, t, y, guidance_scale):
         """x0_hat from the network, guided, clipped to the data range [-1, 1]: the network's x0,
@@ -1239,7 +1299,7 @@ class GaussianDiffusion(nn.Module):
 def build_diffusion(args):
     """The diffusion process of a resolved configuration (the counterpart of build_model)."""
     return GaussianDiffusion(make_beta_schedule(args.schedule, args.timesteps, args.beta_end),
-                             args.target, args.loss_weight)
+                             args.target, args.loss_weight, args.loss)
 
 
 # ------------------------------------------------------------------------------------------------
