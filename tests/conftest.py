@@ -3,6 +3,7 @@
 import os
 import sys
 
+import pytest
 import torch
 
 # Without a GPU, run the Triton kernels in Triton's CPU interpreter. Triton reads this when the
@@ -13,3 +14,13 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 # The tests import the scripts (`import ddpm`) and `kernels` from the repository root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The machine's 2 cores are shared: tiny tensors run fastest on one thread. Not autouse: a
+    test module opts in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`, and the
+    others keep torch's default thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

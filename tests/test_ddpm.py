@@ -1,21 +1,17 @@
 """ddpm.py: the U-Net, the diffusion math against the papers' closed forms (float64), the samplers,
 training end to end (learning, exact resume, SWA, DDP, precision) and the sample command."""
 
-import glob
+import functools
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import ddpm
-from testing_utils import judge_two_colour_samples, randomize, state_equal, two_colour_folder
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import testing_utils
+from testing_utils import BayesOptimal, Oracle, randomize, state_equal
 
 # A configuration small enough for a 2-core CPU: 16x16 images, a two-level U-Net.
 TINY = ["--image_size", "16", "--base_channels", "32", "--channel_mults", "1,2",
@@ -24,25 +20,9 @@ TINY = ["--image_size", "16", "--base_channels", "32", "--channel_mults", "1,2",
         "--timesteps", "100", "--warmup_steps", "2"]
 
 
-def tiny_args(*extra):
-    args = ddpm.parse_args(TINY + list(extra))
-    args.num_classes = 0
-    return args
-
-
-def train_run(tmp_path, name, *extra):
-    out = str(tmp_path / name)
-    argv = TINY + ["--output_dir", out, "--max_steps", "2", "--save_every", "2",
-                   "--sample_every", "2"] + list(extra)
-    assert ddpm.main(argv) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A 2-step class-conditional run on the built-in dataset (reused by the sampling tests)."""
-    return train_run(tmp_path_factory.mktemp("run"), "cond", "--class_conditional", "--swa",
-                     "--swa_start", "0")
+# tiny_args, train_run: the shared helpers, bound to ddpm and TINY.
+tiny_args = functools.partial(testing_utils.tiny_args, ddpm, TINY)
+train_run = functools.partial(testing_utils.train_run, ddpm, TINY)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -220,46 +200,12 @@ def test_ddim_eta_zero_ignores_noise_and_final_step_returns_x0():
     assert torch.allclose(d.ddim_step(x_t, eps, 700, -1), x0, atol=1e-4)
 
 
-class Oracle(torch.nn.Module):
-    """A 'network' that knows x_0: it returns the exact noise that turns x_0 into x_t."""
-
-    num_classes = 0
-
-    def __init__(self, diffusion, x0):
-        super().__init__()
-        self.diffusion, self.x0 = diffusion, x0
-
-    def forward(self, x, t, y=None):
-        ab = self.diffusion.alphas_cumprod[t].reshape(-1, 1, 1, 1)
-        return (x - ab.sqrt() * self.x0) / (1 - ab).sqrt()
-
-
 @pytest.mark.parametrize("sampler, steps", [("ddim", 10), ("ddim", 1000), ("ddpm", 20)])
 def test_samplers_recover_x0_with_the_true_noise(sampler, steps):
     d = ddpm.GaussianDiffusion(ddpm.make_beta_schedule("cosine", 1000))
     x0 = torch.rand(2, 3, 8, 8) * 1.8 - 0.9
     out = d.sample(Oracle(d, x0), x0.shape, sampler=sampler, steps=steps, seeds=[1, 2])
     assert torch.allclose(out, x0, atol=1e-4)
-
-
-class BayesOptimal(torch.nn.Module):
-    """The exact E[eps | x_t] for data that is one of a few flat colours, each equally likely:
-    x_0 | x_t is a mixture whose weights are the Gaussian likelihoods N(x_t; sqrt(ab) c, 1 - ab)."""
-
-    num_classes = 0
-
-    def __init__(self, diffusion, colours):
-        super().__init__()
-        self.diffusion, self.colours = diffusion, colours.double()
-
-    def forward(self, x, t, y=None):
-        ab = self.diffusion.alphas_cumprod[t].double().reshape(-1, 1, 1, 1)
-        x = x.double()
-        log_lik = torch.stack([-((x - ab.sqrt() * c.reshape(1, 3, 1, 1)) ** 2).sum((1, 2, 3))
-                               / (2 * (1 - ab.flatten())) for c in self.colours], 1)
-        weights = torch.softmax(log_lik, 1)                         # (B, colours)
-        x0 = (weights @ self.colours).reshape(-1, 3, 1, 1)
-        return ((x - ab.sqrt() * x0) / (1 - ab).sqrt()).float()
 
 
 @pytest.mark.parametrize("sampler, steps", [("ddim", 20), ("ddpm", 20), ("ddpm", 200)])
@@ -407,45 +353,17 @@ def test_learns_two_colours(tmp_path):
     difference in [0, 1] units, judged over 16 samples. An untrained or broken model gives noise
     or arbitrary colours; the sampler itself is exact (test_samplers_draw_the_data_distribution
     _with_the_bayes_optimal_denoiser)."""
-    colours = two_colour_folder(tmp_path / "data")
-    out = str(tmp_path / "run")
-    argv = ["--dataset_path", str(tmp_path / "data"), "--image_size", "8", "--base_channels",
-            "32", "--channel_mults", "1,2", "--num_res_blocks", "1", "--attention_resolutions",
-            "4", "--batch_size", "32", "--max_steps", "600", "--lr", "2e-3", "--warmup_steps",
-            "20", "--ema_decay", "0.99", "--ema_start", "50", "--timesteps", "200",
-            "--save_every", "600", "--sample_every", "600", "--output_dir", out]
-    assert ddpm.main(argv) == 0
-    samples = str(tmp_path / "samples")
-    assert ddpm.main(["--sample", "--checkpoint", os.path.join(out, "checkpoints", "last.pt"),
-                      "--num_samples", "16", "--sampling_steps", "25", "--output_dir",
-                      samples]) == 0
-    distances, nearest, spread = judge_two_colour_samples(samples, colours)
-    assert len(distances) == 16
-    # Close to red or blue: a blend of the two would be 0.37 away, an arbitrary colour ~0.5.
-    assert np.median(distances) < 0.15 and (distances < 0.2).sum() >= 12, distances.round(2)
-    assert np.median(spread) < 0.05, spread                         # flat images, not noise
-    assert set(nearest) == {0, 1}                                   # both colours appear
+    testing_utils.assert_learns_two_colours(ddpm, tmp_path, 8, 600, "--attention_resolutions", "4")
 
 
 def test_resume_is_exact(tmp_path):
     """4 steps in one run == resume from that run's step-2 checkpoint for 2 more steps, bitwise,
     with dropout, flips, gradient accumulation, label dropout and the cosine schedule in play."""
-    common = TINY + ["--max_steps", "4", "--save_every", "2", "--sample_every", "100",
-                     "--accumulation_iters", "2", "--dropout", "0.1", "--class_conditional",
-                     "--ema_start", "1", "--swa", "--swa_start", "1"]
-    full = str(tmp_path / "full")
-    assert ddpm.main(common + ["--output_dir", full]) == 0
-    resumed = str(tmp_path / "resumed")
-    assert ddpm.main(common + ["--output_dir", resumed, "--resume",
-                               os.path.join(full, "checkpoints", "step_2.pt")]) == 0
-    a = torch.load(os.path.join(full, "checkpoints", "last.pt"), weights_only=True)
-    b = torch.load(os.path.join(resumed, "checkpoints", "last.pt"), weights_only=True)
-    assert a["step"] == b["step"] == 4
-    for key in ("model", "ema", "swa", "optimizer", "lr_scheduler", "scaler"):
-        assert state_equal(a[key], b[key]), key
-    two = torch.load(os.path.join(full, "checkpoints", "step_2.pt"), weights_only=True)
-    assert not state_equal(two["model"], a["model"])
-    assert b["ema"]["num_updates"] == 4
+    _, resumed = testing_utils.assert_resume_is_exact(
+        ddpm, TINY + ["--accumulation_iters", "2", "--dropout", "0.1", "--class_conditional",
+                      "--ema_start", "1", "--swa", "--swa_start", "1"],
+        tmp_path, ("model", "ema", "swa", "optimizer", "lr_scheduler", "scaler"))
+    assert resumed["ema"]["num_updates"] == 4
 
 
 def test_stopping_and_resuming_equals_one_run(tmp_path):
@@ -506,62 +424,31 @@ def test_nonfinite_gradients_are_skipped_then_stop_the_run(tmp_path, monkeypatch
     assert "Traceback" not in err
 
 
+trained = testing_utils.trained_fixture(train_run)                  # reused by the sampling tests
+
+
 def test_sample_command_is_independent_of_batch_size(trained, tmp_path):
     ckpt = os.path.join(trained, "checkpoints", "last.pt")
-    outs = []
-    for batch in ("1", "3"):
-        out = str(tmp_path / f"b{batch}")
-        assert ddpm.main(["--sample", "--checkpoint", ckpt, "--batch_size", batch,
-                          "--num_samples", "4", "--seed", "5", "--output_dir", out]) == 0
-        outs.append([np.asarray(Image.open(os.path.join(out, f"{i:05d}.png"))) for i in range(4)])
+    variants = [["--batch_size", "1"], ["--batch_size", "3"]]
+    for out in testing_utils.assert_same_samples(ddpm, ckpt, tmp_path, variants):
         assert os.path.exists(os.path.join(out, "grid.png"))
-    for a, b in zip(*outs):
-        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
-    assert not np.array_equal(outs[0][0], outs[0][1])
 
 
-@pytest.mark.parametrize("flags", [
-    ["--sampler", "ddpm"],
-    ["--eta", "1.0", "--weights", "model"],
-    ["--guidance_scale", "3.0", "--class_label", "1", "--weights", "swa"],
-])
+@pytest.mark.parametrize("flags", testing_utils.SAMPLE_FLAGS)
 def test_sample_command_flags(trained, tmp_path, flags):
-    ckpt = os.path.join(trained, "checkpoints", "last.pt")
-    base = str(tmp_path / "base")
-    assert ddpm.main(["--sample", "--checkpoint", ckpt, "--output_dir", base]) == 0
-    out = str(tmp_path / "flags")
-    assert ddpm.main(["--sample", "--checkpoint", ckpt, "--output_dir", out] + flags) == 0
-    a = np.asarray(Image.open(os.path.join(base, "grid.png")))
-    b = np.asarray(Image.open(os.path.join(out, "grid.png")))
-    assert a.shape == b.shape and not np.array_equal(a, b)
+    testing_utils.assert_flags_change_the_samples(
+        ddpm, os.path.join(trained, "checkpoints", "last.pt"), tmp_path, flags)
 
 
 def test_save_gif(trained, tmp_path):
-    out = str(tmp_path / "gif")
-    assert ddpm.main(["--sample", "--checkpoint", os.path.join(trained, "checkpoints", "last.pt"),
-                      "--output_dir", out, "--save_gif", "--sampling_steps", "10"]) == 0
-    gif = Image.open(os.path.join(out, "trajectory.gif"))
-    assert gif.n_frames > 5
+    testing_utils.assert_saves_gif(ddpm, os.path.join(trained, "checkpoints", "last.pt"), tmp_path)
 
 
 def test_torchrun_ddp_on_cpu(tmp_path):
-    out = str(tmp_path / "ddp")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         "--master_port=29533", os.path.join(ROOT, "ddpm.py")] + TINY +
-        ["--output_dir", out, "--max_steps", "3", "--save_every", "3", "--sample_every", "3",
-         "--accumulation_iters", "2"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ckpt = torch.load(os.path.join(out, "checkpoints", "last.pt"), weights_only=True)
-    assert ckpt["step"] == 3
-    assert len(glob.glob(os.path.join(out, "events.out.tfevents.*"))) == 1   # rank 0 only
-    assert result.stdout.count("parameters") == 1
+    testing_utils.assert_torchrun_ddp_on_cpu(ddpm, TINY, tmp_path)
 
 
 def test_optimisation_and_logging_flags_reach_their_targets(tmp_path, monkeypatch):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     clip_norms = []
     real_clip = torch.nn.utils.clip_grad_norm_
 
@@ -576,8 +463,7 @@ def test_optimisation_and_logging_flags_reach_their_targets(tmp_path, monkeypatc
     ckpt = torch.load(os.path.join(out, "checkpoints", "last.pt"), weights_only=True)
     assert ckpt["optimizer"]["param_groups"][0]["weight_decay"] == 0.05
     assert ckpt["args"]["loss"] == "l1" and ckpt["args"]["hflip"] is False
-    events = EventAccumulator(out)
-    events.Reload()
+    events = testing_utils.tensorboard_events(out)
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]  # --log_every 1
 
 

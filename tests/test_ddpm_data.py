@@ -15,11 +15,8 @@ The model is tiny (16x16 images, 2 levels, batch 4, 2 steps) so the whole file r
 import contextlib
 import functools
 import io
-import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +26,9 @@ from PIL import Image
 
 import ddpm
 import testing_utils
+from testing_utils import SHARED_FLAGS, SYNOPSIS_FLAGS, TRAIN_SCALARS
 
-ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.usefixtures("one_torch_thread")            # tests/conftest.py
 
 # A U-Net small enough for a 2-core CPU: 16x16 images, two levels (downsampling factor 2).
 TINY = ["--image_size", "16", "--base_channels", "32", "--channel_mults", "1,2",
@@ -38,24 +36,14 @@ TINY = ["--image_size", "16", "--base_channels", "32", "--channel_mults", "1,2",
         "--max_steps", "2", "--sample_every", "2", "--save_every", "2", "--num_samples", "4",
         "--sampling_steps", "3", "--procedural_size", "16"]
 
-CHECKPOINT_KEYS = {"model", "ema", "optimizer", "scaler", "lr_scheduler", "step", "args", "rng",
-                   "method", "format_version", "swa"}
-
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
 
 
-# run_main, assert_user_error: the shared helpers, bound to ddpm.
+# run_main, assert_user_error, run_cli (`python ddpm.py ARGS` as a user runs it): the shared
+# helpers, bound to ddpm.
 run_main = functools.partial(testing_utils.run_main, ddpm)
 assert_user_error = functools.partial(testing_utils.assert_user_error, ddpm)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The machine's 2 cores are shared: tiny tensors run fastest on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+run_cli = functools.partial(testing_utils.run_cli, ddpm)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -124,13 +112,6 @@ def assert_one_unreadable_warning(err, count, paths, alone=True):
     assert int(match.group(1)) == count, err
     for path in paths:
         assert path in match.group(2), f"{path!r} not in {err!r}"
-
-
-def run_cli(args, cwd=ROOT):
-    """`python ddpm.py ARGS` as a user runs it."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(ROOT / "ddpm.py"), *map(str, args)], cwd=cwd,
-                          env=env, capture_output=True, text=True, timeout=120)
 
 
 def train_quietly(argv):
@@ -519,9 +500,7 @@ def test_class_conditional_with_images_in_the_root(tmp_path, capsys):
         "sampling_steps_gt_timesteps", "unknown_choice", "sample_without_checkpoint",
         "linear_schedule_too_short"])
 def test_bad_flags(tmp_path, capsys, flags, phrases):
-    status, _, err = run_main([*TINY, "--output_dir", tmp_path / "run", *flags], capsys)
-    assert_user_error(status, err, *phrases)
-    assert not (tmp_path / "run").exists()
+    testing_utils.assert_refused_before_any_work(ddpm, [*TINY, *flags], tmp_path, capsys, *phrases)
 
 
 def test_resume_latest_without_a_checkpoint(tmp_path, capsys):
@@ -636,29 +615,9 @@ def test_cli_unreadable_dataset_end_to_end(tmp_path):
 # --help and --dry_run
 # ------------------------------------------------------------------------------------------------
 
-# CONVENTIONS.md "Command line": the shared training flags, the train/sample synopses.
-SHARED_FLAGS = ["--image_size", "--batch_size", "--accumulation_iters", "--max_steps", "--lr",
-                "--warmup_steps", "--precision", "--ema_decay", "--ema_start", "--save_every",
-                "--sample_every", "--num_workers", "--seed", "--resume", "--kernels", "--dry_run",
-                "--base_channels", "--channel_mults", "--num_res_blocks",
-                "--attention_resolutions", "--dropout"]
-SYNOPSIS_FLAGS = ["--dataset_path", "--output_dir", "--preset", "--sample", "--checkpoint",
-                  "--num_samples", "--sampler", "--sampling_steps"]
-
-
 def test_help_lists_every_shared_flag_with_its_default(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        ddpm.main(["--help"])
-    assert exit_info.value.code == 0
-    text = capsys.readouterr().out
-    # One block per option: from its "  --name" line to the next option line.
-    blocks = {m.group(1): m.group(0) for m in
-              re.finditer(r"^  (--\w+).*?(?=^  -|\Z)", text, flags=re.M | re.S)}
-    for flag in SHARED_FLAGS + SYNOPSIS_FLAGS:
-        assert flag in blocks, f"{flag} missing from --help"
-    for flag in SHARED_FLAGS:
-        if flag != "--dry_run":                                     # a switch: off unless given
-            assert "default" in blocks[flag], f"{flag}'s help does not show its default"
+    # CONVENTIONS.md "Command line": the shared training flags, the train/sample synopses.
+    blocks = testing_utils.help_blocks(ddpm, capsys, SHARED_FLAGS + SYNOPSIS_FLAGS, SHARED_FLAGS)
     assert "{fp32,bf16,fp16}" in blocks["--precision"]
     assert "{auto,triton,torch}" in blocks["--kernels"]
 
@@ -671,17 +630,13 @@ def test_dry_run_prints_the_configuration_and_writes_nothing(tmp_path, capsys, m
     cwd.mkdir()
     monkeypatch.chdir(cwd)
     flags = ["--dataset_path", str(data), *TINY]
-    status, out, err = run_main([*flags, "--dry_run"], capsys)
-    assert status == 0, err
-    config_text, marker, rest = out.partition("parameters:")
-    assert marker
-    config = json.loads(config_text)
+    config, parameters, rest = testing_utils.dry_run(ddpm, flags, capsys)
     assert config["image_size"] == [16, 16] and config["channel_mults"] == [1, 2]
     assert config["base_channels"] == 32 and config["dataset_path"] == str(data)
     assert config["output_dir"] == os.path.join("runs", "ddpm") and config["num_classes"] == 0
     expected = ddpm.count_parameters(ddpm.build_model(ddpm.parse_args(flags)))
     assert re.fullmatch(r" ([\d,]+); 3 training images\n", rest)
-    assert int(re.match(r" ([\d,]+)", rest).group(1).replace(",", "")) == expected
+    assert parameters == expected
     assert list(cwd.iterdir()) == []                                # no runs/ddpm
 
 
@@ -700,10 +655,7 @@ def test_training_run_skips_the_corrupt_file_and_finishes(trained):
 
 def test_training_run_writes_the_conventional_outputs(trained):
     run = trained["run"]
-    for name in ("args.json", "checkpoints/last.pt", "checkpoints/step_2.pt",
-                 "samples/step_2.png"):
-        assert (run / name).is_file(), name
-    config = json.loads((run / "args.json").read_text())
+    config = testing_utils.conventional_outputs(run)
     assert config["image_size"] == [16, 16] and config["max_steps"] == 2
     assert config["dataset_path"] == str(trained["data"]) and config["num_classes"] == 0
     with Image.open(run / "samples" / "step_2.png") as grid:
@@ -712,14 +664,10 @@ def test_training_run_writes_the_conventional_outputs(trained):
 
 
 def test_training_run_logs_tensorboard_scalars(trained):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     assert list(trained["run"].glob("events.out.tfevents.*"))
-    events = EventAccumulator(str(trained["run"]))
-    events.Reload()
+    events = testing_utils.tensorboard_events(trained["run"])
     tags = events.Tags()
-    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/images_per_sec",
-                "train/peak_memory_mb"):
+    for tag in TRAIN_SCALARS:
         assert tag in tags["scalars"], tag
         assert [e.step for e in events.Scalars(tag)] == [2]
     assert np.isfinite(events.Scalars("train/loss")[0].value)
@@ -728,12 +676,8 @@ def test_training_run_logs_tensorboard_scalars(trained):
 
 
 def test_checkpoint_has_exactly_the_conventional_keys(trained):
-    for name in ("last.pt", "step_2.pt"):
-        ckpt = torch.load(trained["run"] / "checkpoints" / name, map_location="cpu",
-                          weights_only=True)
-        assert set(ckpt) == CHECKPOINT_KEYS, name
-        assert ckpt["method"] == "ddpm" and ckpt["format_version"] == ddpm.FORMAT_VERSION
-        assert ckpt["step"] == 2 and ckpt["swa"] is None
+    for ckpt in testing_utils.conventional_checkpoints(trained["run"], "ddpm"):
+        assert ckpt["format_version"] == ddpm.FORMAT_VERSION and ckpt["swa"] is None
         assert set(ckpt["rng"]) == {"torch", "cuda", "numpy", "python"}
         assert ckpt["args"]["image_size"] == [16, 16]
     model = ddpm.build_model(ddpm.parse_args(TINY))
@@ -796,9 +740,7 @@ def test_float_images_in_unit_range_are_scaled(tmp_path):
     (["--num_heads", "3"], ["--num_heads 3", "divisor"]),
 ])
 def test_attention_heads_are_checked_before_any_work(tmp_path, capsys, flags, phrases):
-    status, _, err = run_main([*TINY, "--output_dir", tmp_path / "run", *flags], capsys)
-    assert_user_error(status, err, *phrases)
-    assert not (tmp_path / "run").exists()
+    testing_utils.assert_refused_before_any_work(ddpm, [*TINY, *flags], tmp_path, capsys, *phrases)
 
 
 def test_a_dataset_smaller_than_a_batch_is_warned_about(tmp_path, capsys):

@@ -6,11 +6,7 @@ CONVENTIONS.md and bad input."""
 import contextlib
 import functools
 import glob
-import json
 import os
-import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -21,10 +17,10 @@ from PIL import Image
 import ddpm
 import patch_ddpm
 import testing_utils
-from testing_utils import randomize, state_equal
+from testing_utils import SHARED_FLAGS, SYNOPSIS_FLAGS, TRAIN_SCALARS, randomize
 from patch_ddpm import cut_patches, stitch_patches
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.usefixtures("one_torch_thread")            # tests/conftest.py
 
 # A configuration small enough for a 2-core CPU: 16x16 images in 2 x 2 patches of 8 x 8, a
 # two-level U-Net (feature-map sides 8 and 4).
@@ -33,43 +29,12 @@ TINY = ["--image_size", "16", "--patch_divider", "2", "--base_channels", "32",
         "--batch_size", "4", "--procedural_size", "32", "--num_samples", "4",
         "--sampling_steps", "4", "--timesteps", "100", "--warmup_steps", "2"]
 
-CHECKPOINT_KEYS = {"model", "ema", "swa", "optimizer", "scaler", "lr_scheduler", "step", "args",
-                   "rng", "method", "format_version"}
-
-
-# run_main, assert_user_error: the shared helpers, bound to patch_ddpm.
+# run_main, assert_user_error, tiny_args, train_run: the shared helpers, bound to patch_ddpm and
+# TINY.
 run_main = functools.partial(testing_utils.run_main, patch_ddpm)
 assert_user_error = functools.partial(testing_utils.assert_user_error, patch_ddpm)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The machine's 2 cores are shared: tiny tensors run fastest on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny_args(*extra, num_classes=0):
-    args = patch_ddpm.parse_args(TINY + list(extra))
-    args.num_classes = num_classes
-    return args
-
-
-def train_run(tmp_path, name, *extra):
-    out = str(tmp_path / name)
-    argv = TINY + ["--output_dir", out, "--max_steps", "2", "--save_every", "2",
-                   "--sample_every", "2"] + list(extra)
-    assert patch_ddpm.main(argv) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A 2-step class-conditional run on the built-in dataset (reused by the CLI tests)."""
-    return train_run(tmp_path_factory.mktemp("run"), "cond", "--class_conditional", "--swa",
-                     "--swa_start", "0")
+tiny_args = functools.partial(testing_utils.tiny_args, patch_ddpm, TINY)
+train_run = functools.partial(testing_utils.train_run, patch_ddpm, TINY)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -317,13 +282,9 @@ def test_learns_the_colour_of_every_patch_position(tmp_path):
     quadrant's colour. Trained with all positions at once, sampled one at a time."""
     colours = quadrant_folder(tmp_path / "data")
     out = str(tmp_path / "run")
-    argv = ["--dataset_path", str(tmp_path / "data"), "--image_size", "8", "--patch_divider",
-            "2", "--patch_batch", "0", "--no_hflip", "--base_channels", "32", "--channel_mults",
-            "1,2", "--num_res_blocks", "1", "--attention_resolutions", "2", "--batch_size", "32",
-            "--max_steps", "600", "--lr", "2e-3", "--warmup_steps", "20", "--ema_decay", "0.99",
-            "--ema_start", "50", "--timesteps", "200", "--save_every", "600", "--sample_every",
-            "600", "--num_samples", "4", "--output_dir", out]
-    assert patch_ddpm.main(argv) == 0
+    testing_utils.toy_run(patch_ddpm, tmp_path / "data", out, 600, "--image_size", "8",
+                          "--patch_divider", "2", "--patch_batch", "0", "--no_hflip",
+                          "--attention_resolutions", "2", "--num_samples", "4")
     samples = str(tmp_path / "samples")
     assert patch_ddpm.main(["--sample", "--checkpoint", os.path.join(out, "checkpoints", "last.pt"),
                             "--num_samples", "16", "--sampling_steps", "25", "--patch_batch", "1",
@@ -389,64 +350,29 @@ def test_resume_is_exact(tmp_path):
     """4 steps in one run == resume from that run's step-2 checkpoint for 2 more steps, bitwise,
     with patch chunks, dropout, flips, gradient accumulation, label dropout and the cosine
     schedule in play."""
-    common = TINY + ["--max_steps", "4", "--save_every", "2", "--sample_every", "100",
-                     "--accumulation_iters", "2", "--dropout", "0.1", "--class_conditional",
-                     "--ema_start", "1", "--swa", "--swa_start", "1"]
-    full = str(tmp_path / "full")
-    assert patch_ddpm.main(common + ["--output_dir", full]) == 0
-    resumed = str(tmp_path / "resumed")
-    assert patch_ddpm.main(common + ["--output_dir", resumed, "--resume",
-                                     os.path.join(full, "checkpoints", "step_2.pt")]) == 0
-    a = torch.load(os.path.join(full, "checkpoints", "last.pt"), weights_only=True)
-    b = torch.load(os.path.join(resumed, "checkpoints", "last.pt"), weights_only=True)
-    assert a["step"] == b["step"] == 4
-    for key in ("model", "ema", "swa", "optimizer", "lr_scheduler", "scaler"):
-        assert state_equal(a[key], b[key]), key
-    two = torch.load(os.path.join(full, "checkpoints", "step_2.pt"), weights_only=True)
-    assert not state_equal(two["model"], a["model"])
+    testing_utils.assert_resume_is_exact(
+        patch_ddpm, TINY + ["--accumulation_iters", "2", "--dropout", "0.1", "--class_conditional",
+                            "--ema_start", "1", "--swa", "--swa_start", "1"],
+        tmp_path, ("model", "ema", "swa", "optimizer", "lr_scheduler", "scaler"))
 
 
 def test_torchrun_ddp_on_cpu(tmp_path):
     """2 processes (gloo), gradient accumulation and patch chunks: the gradient is all-reduced
     once per step, in the last chunk of the last micro-batch."""
-    out = str(tmp_path / "ddp")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         "--master_port=29541", os.path.join(ROOT, "patch_ddpm.py")] + TINY +
-        ["--output_dir", out, "--max_steps", "3", "--save_every", "3", "--sample_every", "3",
-         "--accumulation_iters", "2"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ckpt = torch.load(os.path.join(out, "checkpoints", "last.pt"), weights_only=True)
-    assert ckpt["step"] == 3 and ckpt["method"] == "patch_ddpm"
-    assert len(glob.glob(os.path.join(out, "events.out.tfevents.*"))) == 1   # rank 0 only
-    assert result.stdout.count("parameters") == 1
+    ckpt = testing_utils.assert_torchrun_ddp_on_cpu(patch_ddpm, TINY, tmp_path)
+    assert ckpt["method"] == "patch_ddpm"
 
 
 # ------------------------------------------------------------------------------------------------
 # CLI (CONVENTIONS.md)
 
-SHARED_FLAGS = ["--image_size", "--batch_size", "--accumulation_iters", "--max_steps", "--lr",
-                "--warmup_steps", "--precision", "--ema_decay", "--ema_start", "--save_every",
-                "--sample_every", "--num_workers", "--seed", "--resume", "--kernels",
-                "--base_channels", "--channel_mults", "--num_res_blocks",
-                "--attention_resolutions", "--dropout", "--patch_divider", "--patch_batch"]
-SYNOPSIS_FLAGS = ["--dataset_path", "--output_dir", "--preset", "--sample", "--checkpoint",
-                  "--num_samples", "--sampler", "--sampling_steps", "--dry_run"]
+PATCH_FLAGS = ["--patch_divider", "--patch_batch"]
 
 
 def test_help_lists_every_shared_flag_and_the_patch_flags_with_defaults(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        patch_ddpm.main(["--help"])
-    assert exit_info.value.code == 0
-    text = capsys.readouterr().out
-    blocks = {m.group(1): m.group(0) for m in
-              re.finditer(r"^  (--\w+).*?(?=^  -|\Z)", text, flags=re.M | re.S)}
-    for flag in SHARED_FLAGS + SYNOPSIS_FLAGS:
-        assert flag in blocks, f"{flag} missing from --help"
-    for flag in SHARED_FLAGS:
-        assert "default" in blocks[flag], f"{flag}'s help does not show its default"
+    blocks = testing_utils.help_blocks(patch_ddpm, capsys,
+                                       SHARED_FLAGS + PATCH_FLAGS + SYNOPSIS_FLAGS,
+                                       SHARED_FLAGS + PATCH_FLAGS)
     assert "{1,2,4,8}" in blocks["--patch_divider"]
     assert "default: 2; paper: 4" in " ".join(blocks["--patch_divider"].split())
     assert "default: 1" in blocks["--patch_batch"]
@@ -454,14 +380,10 @@ def test_help_lists_every_shared_flag_and_the_patch_flags_with_defaults(capsys):
 
 def test_dry_run_prints_the_configuration_and_writes_nothing(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    status, out, err = run_main(TINY + ["--patch_batch", "0", "--dry_run"], capsys)
-    assert status == 0, err
-    config_text, marker, rest = out.partition("parameters:")
-    config = json.loads(config_text)
+    config, parameters, _ = testing_utils.dry_run(patch_ddpm, TINY + ["--patch_batch", "0"], capsys)
     assert (config["patch_divider"], config["patch_batch"], config["loss"]) == (2, 0, "l1")
     assert config["output_dir"] == os.path.join("runs", "patch_ddpm")
-    expected = ddpm.count_parameters(patch_ddpm.build_model(tiny_args()))
-    assert int(re.match(r" ([\d,]+)", rest).group(1).replace(",", "")) == expected
+    assert parameters == ddpm.count_parameters(patch_ddpm.build_model(tiny_args()))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -477,68 +399,40 @@ def test_paper_preset_is_the_original_config():
     assert patch_ddpm.parse_args(["--preset", "paper", "--patch_divider", "2"]).patch_divider == 2
 
 
-def test_training_run_writes_the_conventional_outputs(trained):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+trained = testing_utils.trained_fixture(train_run)                  # reused by the CLI tests
 
-    for name in ("args.json", "checkpoints/last.pt", "checkpoints/step_2.pt",
-                 "samples/step_2.png"):
-        assert os.path.isfile(os.path.join(trained, name)), name
-    with open(os.path.join(trained, "args.json")) as f:
-        config = json.load(f)
+
+def test_training_run_writes_the_conventional_outputs(trained):
+    config = testing_utils.conventional_outputs(trained)
     assert config["patch_divider"] == 2 and config["num_classes"] == 2
-    for name in ("last.pt", "step_2.pt"):
-        ckpt = torch.load(os.path.join(trained, "checkpoints", name), weights_only=True)
-        assert set(ckpt) == CHECKPOINT_KEYS
-        assert ckpt["method"] == "patch_ddpm" and ckpt["step"] == 2
+    for ckpt in testing_utils.conventional_checkpoints(trained, "patch_ddpm"):
         assert ckpt["format_version"] == patch_ddpm.FORMAT_VERSION
     model = patch_ddpm.build_model(tiny_args(num_classes=2))
     model.load_state_dict(ckpt["ema"]["shadow"])
-    events = EventAccumulator(trained)
-    events.Reload()
-    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/images_per_sec",
-                "train/peak_memory_mb"):
+    events = testing_utils.tensorboard_events(trained)
+    for tag in TRAIN_SCALARS:
         assert [e.step for e in events.Scalars(tag)] == [2], tag
     assert "samples" in events.Tags()["images"]
 
 
 def test_sample_command_is_independent_of_batch_size_and_patch_batch(trained, tmp_path):
     ckpt = os.path.join(trained, "checkpoints", "last.pt")
-    outs = []
-    for batch, patch_batch in (("1", "1"), ("3", "0"), ("4", "3")):
-        out = str(tmp_path / f"b{batch}")
-        assert patch_ddpm.main(["--sample", "--checkpoint", ckpt, "--batch_size", batch,
-                                "--patch_batch", patch_batch, "--num_samples", "4", "--seed",
-                                "5", "--output_dir", out]) == 0
+    variants = [["--batch_size", batch, "--patch_batch", patch_batch]
+                for batch, patch_batch in (("1", "1"), ("3", "0"), ("4", "3"))]
+    for out in testing_utils.assert_same_samples(patch_ddpm, ckpt, tmp_path, variants):
         assert sorted(os.listdir(out)) == ["00000.png", "00001.png", "00002.png", "00003.png",
                                            "grid.png"]
-        outs.append([np.asarray(Image.open(os.path.join(out, f"{i:05d}.png"))) for i in range(4)])
-    for other in outs[1:]:
-        for a, b in zip(outs[0], other):
-            assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
-    assert not np.array_equal(outs[0][0], outs[0][1])
 
 
-@pytest.mark.parametrize("flags", [
-    ["--sampler", "ddpm"],
-    ["--eta", "1.0", "--weights", "model"],
-    ["--guidance_scale", "3.0", "--class_label", "1", "--weights", "swa"],
-])
+@pytest.mark.parametrize("flags", testing_utils.SAMPLE_FLAGS)
 def test_sample_command_flags(trained, tmp_path, flags):
-    ckpt = os.path.join(trained, "checkpoints", "last.pt")
-    base, out = str(tmp_path / "base"), str(tmp_path / "flags")
-    assert patch_ddpm.main(["--sample", "--checkpoint", ckpt, "--output_dir", base]) == 0
-    assert patch_ddpm.main(["--sample", "--checkpoint", ckpt, "--output_dir", out] + flags) == 0
-    a = np.asarray(Image.open(os.path.join(base, "grid.png")))
-    b = np.asarray(Image.open(os.path.join(out, "grid.png")))
-    assert a.shape == b.shape and not np.array_equal(a, b)
+    testing_utils.assert_flags_change_the_samples(
+        patch_ddpm, os.path.join(trained, "checkpoints", "last.pt"), tmp_path, flags)
 
 
 def test_save_gif(trained, tmp_path):
-    out = str(tmp_path / "gif")
-    assert patch_ddpm.main(["--sample", "--checkpoint", os.path.join(trained, "checkpoints",
-                                                                      "last.pt"),
-                            "--output_dir", out, "--save_gif", "--sampling_steps", "10"]) == 0
-    assert Image.open(os.path.join(out, "trajectory.gif")).n_frames > 5
+    testing_utils.assert_saves_gif(patch_ddpm, os.path.join(trained, "checkpoints", "last.pt"),
+                                   tmp_path)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -564,9 +458,8 @@ def test_mixed_precision_runs(tmp_path, precision):
 ], ids=["image_not_divisible", "non_square_not_divisible", "patch_not_divisible_by_unet",
         "negative_patch_batch", "divider_not_a_choice"])
 def test_bad_flags(tmp_path, capsys, flags, phrases):
-    status, _, err = run_main([*TINY, "--output_dir", tmp_path / "run", *flags], capsys)
-    assert_user_error(status, err, *phrases)
-    assert not (tmp_path / "run").exists()
+    testing_utils.assert_refused_before_any_work(patch_ddpm, [*TINY, *flags], tmp_path, capsys,
+                                                 *phrases)
 
 
 def test_missing_dataset_folder(tmp_path, capsys):
@@ -575,12 +468,7 @@ def test_missing_dataset_folder(tmp_path, capsys):
 
 
 def test_a_ddpm_checkpoint_is_refused(tmp_path, capsys):
-    run = str(tmp_path / "ddpm")
-    assert ddpm.main(["--image_size", "8", "--channel_mults", "1", "--attention_resolutions", "",
-                      "--batch_size", "2", "--procedural_size", "4", "--num_samples", "1",
-                      "--sampling_steps", "1", "--max_steps", "1", "--output_dir", run]) == 0
-    capsys.readouterr()
-    path = os.path.join(run, "checkpoints", "last.pt")
+    path = testing_utils.ddpm_checkpoint(tmp_path)
     status, _, err = run_main(["--sample", "--checkpoint", path, "--output_dir",
                                tmp_path / "out"], capsys)
     assert_user_error(status, err, "is a ddpm.py checkpoint", "use ddpm.py with it")

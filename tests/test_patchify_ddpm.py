@@ -7,13 +7,8 @@ tests/test_copies.py and tested in tests/test_ddpm*.py; this file tests what the
 """
 
 import functools
-import glob
-import json
 import math
 import os
-import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -24,9 +19,9 @@ from PIL import Image
 import ddpm
 import patchify_ddpm as pf
 import testing_utils
-from testing_utils import judge_two_colour_samples, randomize, state_equal, two_colour_folder
+from testing_utils import SHARED_FLAGS, SYNOPSIS_FLAGS, BayesOptimal, Oracle, randomize
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.usefixtures("one_torch_thread")            # tests/conftest.py
 
 # A configuration small enough for a 2-core CPU: 16x16 images, P = 2, a two-level U-Net on the 8x8
 # grid (attention at grid side 4).
@@ -35,43 +30,11 @@ TINY = ["--image_size", "16", "--patch_size", "2", "--base_channels", "32", "--c
         "--procedural_size", "16", "--num_samples", "4", "--sampling_steps", "4",
         "--timesteps", "100", "--warmup_steps", "2"]
 
-CHECKPOINT_KEYS = {"model", "ema", "optimizer", "scaler", "lr_scheduler", "step", "args", "rng",
-                   "method", "format_version", "swa"}
-
-
-# run_main, assert_user_error: the shared helpers, bound to pf.
+# run_main, assert_user_error, tiny_args, train_run: the shared helpers, bound to pf and TINY.
 run_main = functools.partial(testing_utils.run_main, pf)
 assert_user_error = functools.partial(testing_utils.assert_user_error, pf)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The machine's 2 cores are shared: tiny tensors run fastest on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny_args(*extra):
-    args = pf.parse_args(TINY + list(extra))
-    args.num_classes = 0
-    return args
-
-
-def train_run(tmp_path, name, *extra):
-    out = str(tmp_path / name)
-    argv = TINY + ["--output_dir", out, "--max_steps", "2", "--save_every", "2",
-                   "--sample_every", "2"] + list(extra)
-    assert pf.main(argv) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A 2-step class-conditional run on the built-in dataset (reused by the CLI tests)."""
-    return train_run(tmp_path_factory.mktemp("run"), "cond", "--class_conditional", "--swa",
-                     "--swa_start", "0")
+tiny_args = functools.partial(testing_utils.tiny_args, pf, TINY)
+train_run = functools.partial(testing_utils.train_run, pf, TINY)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -101,7 +64,8 @@ def test_patchify_channel_order_is_row_column_colour(p):
                 for p1 in range(p):
                     for p2 in range(p):
                         for c in range(3):
-                            assert z[b, (p1 * p + p2) * 3 + c, i, j] == x[b, c, i * p + p1, j * p + p2]
+                            assert (z[b, (p1 * p + p2) * 3 + c, i, j]
+                                    == x[b, c, i * p + p1, j * p + p2])
     # Not pixel_unshuffle's (c, p1, p2) order, but the same values in another channel order.
     unshuffled = F.pixel_unshuffle(x, p)
     assert not torch.equal(z, unshuffled)
@@ -185,13 +149,15 @@ def test_linear_schedule_ends_at_beta_end_and_scales_with_t():
                        ddpm.make_beta_schedule("cosine", 100))
 
 
+@pytest.mark.parametrize("loss", ["mse", "l1", "huber"])
 @pytest.mark.parametrize("target, weight", [("x0", "sqrt_snr"), ("x0", "snr"), ("x0", "none"),
                                             ("eps", "sqrt_snr"), ("eps", "snr"),
                                             ("eps", "none")])
-def test_loss_is_the_weighted_x0_error(target, weight):
-    """L = mean(w(t) (x0 - x0_hat)^2), recomputed in float64 from the same t and noise, with the
-    network a fixed function of x_t; with target eps, x0_hat comes from eps_hat by Eq. 4."""
-    d = pf.GaussianDiffusion(pf.make_beta_schedule("linear", 100, 0.02), target, weight)
+def test_loss_is_the_weighted_x0_error(target, weight, loss):
+    """L = mean(w(t) e(x0 - x0_hat)), e the squared error (the paper), the absolute error or Huber,
+    recomputed in float64 from the same t and noise, with the network a fixed function of x_t;
+    with target eps, x0_hat comes from eps_hat by Eq. 4."""
+    d = pf.GaussianDiffusion(pf.make_beta_schedule("linear", 100, 0.02), target, weight, loss)
 
     def model(x, t, y=None):
         return 0.3 * x + 0.01 * t.reshape(-1, 1, 1, 1)
@@ -208,8 +174,16 @@ def test_loss_is_the_weighted_x0_error(target, weight):
     x0_hat = out if target == "x0" else (x_t - (1 - ab).sqrt() * out) / ab.sqrt()
     snr = ab / (1 - ab)
     w = {"sqrt_snr": snr.sqrt(), "snr": snr, "none": torch.ones_like(snr)}[weight]
-    expected = (w * (x0 - x0_hat) ** 2).mean()
+    a = (x0 - x0_hat).abs()
+    error = {"mse": a ** 2, "l1": a, "huber": torch.where(a < 1, 0.5 * a ** 2, a - 0.5)}[loss]
+    expected = (w * error).mean()
     assert value.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_loss_flag_reaches_the_diffusion():
+    assert pf.build_diffusion(tiny_args()).loss == "mse"                 # the paper
+    assert pf.build_diffusion(tiny_args("--loss", "l1")).loss == "l1"
+    assert pf.build_diffusion(tiny_args("--loss", "huber")).respace(5).loss == "huber"
 
 
 def test_eps_target_with_snr_weight_is_ddpm_loss():
@@ -258,66 +232,20 @@ def test_ddim_step_on_x0_equals_ddpm_ddim_step_on_eps():
         assert torch.allclose(a, b, atol=2e-4), step
 
 
-class OracleX0(torch.nn.Module):
-    """A 'network' that knows x_0 (target x0)."""
-
-    num_classes = 0
-
-    def __init__(self, x0):
-        super().__init__()
-        self.x0 = x0
-
-    def forward(self, x, t, y=None):
-        return self.x0.expand_as(x)
-
-
-class OracleEps(torch.nn.Module):
-    """A 'network' that returns the noise that turns x_0 into x_t (target eps)."""
-
-    num_classes = 0
-
-    def __init__(self, diffusion, x0):
-        super().__init__()
-        self.diffusion, self.x0 = diffusion, x0
-
-    def forward(self, x, t, y=None):
-        ab = self.diffusion.alphas_cumprod[t].reshape(-1, 1, 1, 1)
-        return (x - ab.sqrt() * self.x0) / (1 - ab).sqrt()
-
-
 @pytest.mark.parametrize("sampler, steps", [("ddpm", 250), ("ddpm", 1000), ("ddim", 10)])
 @pytest.mark.parametrize("target", ["x0", "eps"])
 def test_samplers_return_the_true_x0(sampler, steps, target):
     d = pf.GaussianDiffusion(pf.make_beta_schedule("linear", 1000), target)
     x0 = torch.rand(2, 3, 8, 8) * 1.8 - 0.9
-    model = OracleX0(x0) if target == "x0" else OracleEps(d, x0)
-    out = d.sample(model, x0.shape, sampler=sampler, steps=steps, seeds=[1, 2])
+    out = d.sample(Oracle(d, x0, target), x0.shape, sampler=sampler, steps=steps, seeds=[1, 2])
     assert torch.allclose(out, x0, atol=1e-6 if target == "x0" else 1e-4)
-
-
-class BayesOptimalX0(torch.nn.Module):
-    """The exact E[x_0 | x_t] for data that is one of a few flat colours, equally likely."""
-
-    num_classes = 0
-
-    def __init__(self, diffusion, colours):
-        super().__init__()
-        self.diffusion, self.colours = diffusion, colours.double()
-
-    def forward(self, x, t, y=None):
-        ab = self.diffusion.alphas_cumprod[t].double().reshape(-1, 1, 1, 1)
-        x = x.double()
-        log_lik = torch.stack([-((x - ab.sqrt() * c.reshape(1, 3, 1, 1)) ** 2).sum((1, 2, 3))
-                               / (2 * (1 - ab.flatten())) for c in self.colours], 1)
-        weights = torch.softmax(log_lik, 1)                         # (B, colours)
-        return (weights @ self.colours).reshape(-1, 3, 1, 1).expand_as(x).float()
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_samplers_draw_the_data_distribution_with_the_bayes_optimal_x0(sampler):
     d = pf.GaussianDiffusion(pf.make_beta_schedule("linear", 200))
     colours = torch.tensor([[0.8, -0.7, -0.7], [-0.7, -0.5, 0.8]])
-    out = d.sample(BayesOptimalX0(d, colours), (64, 3, 4, 4), sampler=sampler, steps=20,
+    out = d.sample(BayesOptimal(d, colours, "x0"), (64, 3, 4, 4), sampler=sampler, steps=20,
                    seeds=range(64))
     distance = (out.mean((2, 3))[:, None] - colours[None]).abs().amax(2)   # (64, 2)
     assert distance.min(1).values.max() < 1e-3
@@ -392,44 +320,18 @@ def test_learns_two_colours(tmp_path):
     samples flat images close to red or blue, and both (distances: the largest channel difference
     in [0, 1] units, over 16 samples). Flat output across patch borders shows that the patches
     agree; an untrained or broken model gives noise or arbitrary colours."""
-    colours = two_colour_folder(tmp_path / "data", size=16)
-    out = str(tmp_path / "run")
-    argv = ["--dataset_path", str(tmp_path / "data"), "--image_size", "16", "--patch_size", "4",
-            "--base_channels", "32", "--channel_mults", "1,2", "--num_res_blocks", "1",
-            "--attention_resolutions", "2", "--batch_size", "32", "--max_steps", "300",
-            "--lr", "2e-3", "--warmup_steps", "20", "--ema_decay", "0.99", "--ema_start", "50",
-            "--timesteps", "200", "--save_every", "300", "--sample_every", "300",
-            "--num_samples", "4", "--sampling_steps", "4", "--output_dir", out]
-    assert pf.main(argv) == 0
-    samples = str(tmp_path / "samples")
-    assert pf.main(["--sample", "--checkpoint", os.path.join(out, "checkpoints", "last.pt"),
-                    "--num_samples", "16", "--sampling_steps", "25", "--output_dir",
-                    samples]) == 0
-    distances, nearest, spread = judge_two_colour_samples(samples, colours)
-    assert len(distances) == 16
-    assert np.median(distances) < 0.15 and (distances < 0.2).sum() >= 12, distances.round(2)
-    assert np.median(spread) < 0.05, spread                         # flat images, not noise
-    assert set(nearest) == {0, 1}                                   # both colours appear
+    testing_utils.assert_learns_two_colours(pf, tmp_path, 16, 300, "--patch_size", "4",
+                                            "--attention_resolutions", "2", "--num_samples", "4",
+                                            "--sampling_steps", "4")
 
 
 def test_resume_is_exact(tmp_path):
     """4 steps in one run == resume from that run's step-2 checkpoint for 2 more steps, bitwise,
     with dropout, flips, gradient accumulation, label dropout and the Adam beta2 in play."""
-    common = TINY + ["--max_steps", "4", "--save_every", "2", "--sample_every", "100",
-                     "--accumulation_iters", "2", "--dropout", "0.1", "--class_conditional",
-                     "--ema_start", "1", "--adam_beta2", "0.99"]
-    full = str(tmp_path / "full")
-    assert pf.main(common + ["--output_dir", full]) == 0
-    resumed = str(tmp_path / "resumed")
-    assert pf.main(common + ["--output_dir", resumed, "--resume",
-                             os.path.join(full, "checkpoints", "step_2.pt")]) == 0
-    a = torch.load(os.path.join(full, "checkpoints", "last.pt"), weights_only=True)
-    b = torch.load(os.path.join(resumed, "checkpoints", "last.pt"), weights_only=True)
-    assert a["step"] == b["step"] == 4
-    for key in ("model", "ema", "optimizer", "lr_scheduler", "scaler"):
-        assert state_equal(a[key], b[key]), key
-    two = torch.load(os.path.join(full, "checkpoints", "step_2.pt"), weights_only=True)
-    assert not state_equal(two["model"], a["model"])
+    a, _ = testing_utils.assert_resume_is_exact(
+        pf, TINY + ["--accumulation_iters", "2", "--dropout", "0.1", "--class_conditional",
+                    "--ema_start", "1", "--adam_beta2", "0.99"],
+        tmp_path, ("model", "ema", "optimizer", "lr_scheduler", "scaler"))
     assert a["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.99)
 
 
@@ -450,59 +352,29 @@ def test_explicit_adam_beta2_on_resume_reaches_the_optimizer(tmp_path):
 
 
 def test_torchrun_ddp_on_cpu(tmp_path):
-    out = str(tmp_path / "ddp")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         "--master_port=29551", os.path.join(ROOT, "patchify_ddpm.py")] + TINY +
-        ["--output_dir", out, "--max_steps", "3", "--save_every", "3", "--sample_every", "3",
-         "--accumulation_iters", "2"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ckpt = torch.load(os.path.join(out, "checkpoints", "last.pt"), weights_only=True)
-    assert ckpt["step"] == 3 and ckpt["method"] == "patchify_ddpm"
-    assert len(glob.glob(os.path.join(out, "events.out.tfevents.*"))) == 1   # rank 0 only
-    assert result.stdout.count("parameters") == 1
+    ckpt = testing_utils.assert_torchrun_ddp_on_cpu(pf, TINY, tmp_path)
+    assert ckpt["method"] == "patchify_ddpm"
 
 
 # ------------------------------------------------------------------------------------------------
 # Command line (CONVENTIONS.md)
 
-SHARED_FLAGS = ["--image_size", "--batch_size", "--accumulation_iters", "--max_steps", "--lr",
-                "--warmup_steps", "--precision", "--ema_decay", "--ema_start", "--save_every",
-                "--sample_every", "--num_workers", "--seed", "--resume", "--kernels", "--dry_run",
-                "--base_channels", "--channel_mults", "--num_res_blocks",
-                "--attention_resolutions", "--dropout", "--dataset_path", "--output_dir",
-                "--preset", "--sample", "--checkpoint", "--num_samples", "--sampler",
-                "--sampling_steps"]
 METHOD_FLAGS = ["--patch_size", "--target", "--loss_weight", "--beta_end", "--adam_beta2"]
 
 
 def test_help_lists_the_shared_and_the_method_flags(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        pf.main(["--help"])
-    assert exit_info.value.code == 0
-    text = capsys.readouterr().out
-    blocks = {m.group(1): m.group(0) for m in
-              re.finditer(r"^  (--\w+).*?(?=^  -|\Z)", text, flags=re.M | re.S)}
-    for flag in SHARED_FLAGS + METHOD_FLAGS:
-        assert flag in blocks, f"{flag} missing from --help"
-    for flag in METHOD_FLAGS:
-        assert "default" in blocks[flag], flag
+    blocks = testing_utils.help_blocks(pf, capsys, SHARED_FLAGS + SYNOPSIS_FLAGS + METHOD_FLAGS,
+                                       METHOD_FLAGS)
     assert "{1,2,4,8}" in blocks["--patch_size"]
     assert "{x0,eps}" in blocks["--target"] and "{sqrt_snr,snr,none}" in blocks["--loss_weight"]
 
 
 def test_dry_run_prints_the_configuration_and_writes_nothing(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    status, out, err = run_main([*TINY, "--dry_run"], capsys)
-    assert status == 0, err
-    config_text, marker, rest = out.partition("parameters:")
-    config = json.loads(config_text)
-    assert marker and config["patch_size"] == 2 and config["image_size"] == [16, 16]
+    config, parameters, _ = testing_utils.dry_run(pf, TINY, capsys)
+    assert config["patch_size"] == 2 and config["image_size"] == [16, 16]
     assert config["output_dir"] == os.path.join("runs", "patchify_ddpm")
-    expected = pf.count_parameters(pf.build_model(tiny_args()))
-    assert int(re.match(r" ([\d,]+)", rest).group(1).replace(",", "")) == expected
+    assert parameters == pf.count_parameters(pf.build_model(tiny_args()))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -512,22 +384,16 @@ def test_quick_preset_is_256_with_p8(capsys):
         ([256, 256], 8, "x0", "sqrt_snr")
 
 
+trained = testing_utils.trained_fixture(train_run)                  # reused by the CLI tests
+
+
 def test_training_run_writes_the_conventional_outputs(trained):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    for name in ("args.json", "checkpoints/last.pt", "checkpoints/step_2.pt",
-                 "samples/step_2.png"):
-        assert os.path.isfile(os.path.join(trained, name)), name
-    config = json.load(open(os.path.join(trained, "args.json")))
+    config = testing_utils.conventional_outputs(trained)
     assert config["patch_size"] == 2 and config["num_classes"] == 2
-    for name in ("last.pt", "step_2.pt"):
-        ckpt = torch.load(os.path.join(trained, "checkpoints", name), weights_only=True)
-        assert set(ckpt) == CHECKPOINT_KEYS
-        assert ckpt["method"] == "patchify_ddpm" and ckpt["step"] == 2
-    args = tiny_args("--class_conditional")
-    args.num_classes = 2
-    pf.build_model(args).load_state_dict(ckpt["ema"]["shadow"])
-    events = EventAccumulator(trained)
-    events.Reload()
+    ckpt = testing_utils.conventional_checkpoints(trained, "patchify_ddpm")[-1]
+    pf.build_model(tiny_args("--class_conditional", num_classes=2)).load_state_dict(
+        ckpt["ema"]["shadow"])
+    events = testing_utils.tensorboard_events(trained)
     assert "train/loss" in events.Tags()["scalars"] and "samples" in events.Tags()["images"]
     with Image.open(os.path.join(trained, "samples", "step_2.png")) as grid:
         assert grid.size == (2 * 18 + 2, 2 * 18 + 2)               # 2x2 grid of 16px
@@ -535,17 +401,10 @@ def test_training_run_writes_the_conventional_outputs(trained):
 
 def test_sample_command_is_independent_of_batch_size(trained, tmp_path):
     ckpt = os.path.join(trained, "checkpoints", "last.pt")
-    outs = []
-    for batch in ("1", "3"):
-        out = str(tmp_path / f"b{batch}")
-        assert pf.main(["--sample", "--checkpoint", ckpt, "--batch_size", batch,
-                        "--num_samples", "4", "--seed", "5", "--output_dir", out]) == 0
+    variants = [["--batch_size", "1"], ["--batch_size", "3"]]
+    for out in testing_utils.assert_same_samples(pf, ckpt, tmp_path, variants):
         assert sorted(os.listdir(out)) == ["00000.png", "00001.png", "00002.png", "00003.png",
                                            "grid.png"]
-        outs.append([np.asarray(Image.open(os.path.join(out, f"{i:05d}.png"))) for i in range(4)])
-    for a, b in zip(*outs):
-        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
-    assert not np.array_equal(outs[0][0], outs[0][1])
 
 
 @pytest.mark.parametrize("flags", [
@@ -553,13 +412,8 @@ def test_sample_command_is_independent_of_batch_size(trained, tmp_path):
     ["--guidance_scale", "3.0", "--class_label", "1", "--weights", "swa"],
 ])
 def test_sample_command_flags(trained, tmp_path, flags):
-    ckpt = os.path.join(trained, "checkpoints", "last.pt")
-    base, out = str(tmp_path / "base"), str(tmp_path / "flags")
-    assert pf.main(["--sample", "--checkpoint", ckpt, "--output_dir", base]) == 0
-    assert pf.main(["--sample", "--checkpoint", ckpt, "--output_dir", out] + flags) == 0
-    a = np.asarray(Image.open(os.path.join(base, "grid.png")))
-    b = np.asarray(Image.open(os.path.join(out, "grid.png")))
-    assert a.shape == b.shape and not np.array_equal(a, b)
+    testing_utils.assert_flags_change_the_samples(
+        pf, os.path.join(trained, "checkpoints", "last.pt"), tmp_path, flags)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -579,13 +433,13 @@ def test_sample_command_flags(trained, tmp_path, flags):
 ], ids=["not_divisible", "non_square_not_divisible", "patch_size_3", "target", "loss_weight",
         "valid_control", "base_channels_small", "beta_end", "missing_dataset"])
 def test_bad_flags(tmp_path, capsys, flags, phrases):
-    status, _, err = run_main([*TINY, "--output_dir", tmp_path / "run", "--dry_run", *flags],
-                              capsys)
     if not phrases:                                                 # the control case is valid
+        status, _, err = run_main([*TINY, "--output_dir", tmp_path / "run", "--dry_run", *flags],
+                                  capsys)
         assert status == 0, err
         return
-    assert_user_error(status, err, *phrases)
-    assert not (tmp_path / "run").exists()
+    testing_utils.assert_refused_before_any_work(pf, [*TINY, "--dry_run", *flags], tmp_path,
+                                                 capsys, *phrases)
 
 
 def test_odd_base_channels_is_refused(capsys):
@@ -595,12 +449,7 @@ def test_odd_base_channels_is_refused(capsys):
 
 
 def test_ddpm_checkpoint_is_refused(tmp_path, capsys):
-    ddpm_run = str(tmp_path / "ddpm")
-    assert ddpm.main(["--image_size", "8", "--channel_mults", "1", "--attention_resolutions", "",
-                      "--batch_size", "2", "--procedural_size", "4", "--max_steps", "1",
-                      "--num_samples", "1", "--sampling_steps", "1", "--output_dir",
-                      ddpm_run]) == 0
-    path = os.path.join(ddpm_run, "checkpoints", "last.pt")
+    path = testing_utils.ddpm_checkpoint(tmp_path)
     status, _, err = run_main(["--sample", "--checkpoint", path], capsys)
     assert_user_error(status, err, "ddpm.py checkpoint", "use ddpm.py")
     status, _, err = run_main([*TINY, "--resume", path, "--output_dir", tmp_path / "r"], capsys)
@@ -617,10 +466,7 @@ def test_sample_refuses_another_patch_size_or_target(trained, tmp_path, capsys):
 
 
 def test_cli_bad_input_end_to_end():
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "patchify_ddpm.py"),
-                             "--image_size", "100"], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=120)
+    result = testing_utils.run_cli(pf, ["--image_size", "100"])
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.startswith("patchify_ddpm.py: error: --image_size 100x100 is not "
