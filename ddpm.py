@@ -665,14 +665,14 @@ class StreamedImageFolder:
             result = load_image(self.paths[j], self.height, self.width)
             if result is not None:
                 return result[0]
-            with self.lock:
-                if j not in self.failed:
-                    self.failed.add(j)
+            with self.lock:                                         # warned once, and before
+                if j not in self.failed:                            # other threads skip it
                     print(f"{METHOD}.py: warning: {self.paths[j]} cannot be decoded (its header "
                           f"passed the start-up check); the next readable image"
                           + (" of its class" if self.labels is not None else "")
                           + " replaces it",
                           file=sys.stderr)
+                    self.failed.add(j)
         raise UserError(f"none of the {n} image files"
                         + (" of this class" if self.labels is not None else "")
                         + f" can be decoded (e.g. {self.paths[index]}); check the folder")
