@@ -63,6 +63,7 @@ import os
 import random
 import shutil
 import sys
+import threading
 import time
 
 import numpy as np
@@ -111,6 +112,7 @@ DEFAULTS = {
     "hflip": True,
     "procedural_size": 4096,
     "num_workers": 4,
+    "max_memory_dataset_gb": 4.0,
     # model
     "base_channels": 32,
     "channel_mults": "1,2,2",
@@ -312,7 +314,13 @@ def build_shared_parser():
          "(on the built-in dataset: day and dusk); enables classifier-free guidance")
     flag(g, "--hflip", "random horizontal flips")
     add(g, "--procedural_size", "number of built-in procedural images", type=int)
-    add(g, "--num_workers", "threads that decode and resize the images once, at start-up", type=int)
+    add(g, "--num_workers", "threads that decode and resize the images: all of them once at "
+        "start-up, or, for a folder streamed from disk, each micro-batch's while the one before "
+        "it trains", type=int)
+    add(g, "--max_memory_dataset_gb", "decode the folder into memory once if its decoded "
+        "size (image files x 3 x H x W bytes, in every process) is at most this many GB (1e9 "
+        "bytes); a larger folder is streamed from disk: each micro-batch is decoded when it is "
+        "needed (0: always stream)", type=float)
 
     g = p.add_argument_group("model")
     add(g, "--base_channels", "U-Net width at the highest resolution", type=int)
@@ -494,6 +502,9 @@ def check_run_flags(args):
     for key in ("dropout", "label_dropout", "ema_decay"):
         if not 0.0 <= getattr(args, key) < 1.0:
             raise UserError(f"--{key} must be in [0, 1), got {getattr(args, key)}")
+    if not args.max_memory_dataset_gb >= 0:                         # NaN fails this too
+        raise UserError(f"--max_memory_dataset_gb must be 0 (always stream) or more, got "
+                        f"{args.max_memory_dataset_gb}")
     if args.dataset_path is not None and not os.path.isdir(args.dataset_path):
         raise UserError(f"--dataset_path {args.dataset_path} is not a folder")
     if args.output_dir is None:
@@ -672,33 +683,157 @@ def load_image(path, height, width):
     return np.asarray(image).transpose(2, 0, 1).copy(), scale > 1  # (H, W, 3) -> (3, H, W)
 
 
+# Copied from ddpm.read_image_size
+def read_image_size(path):
+    """(width, height) of an image file read from its header, upright by its EXIF orientation, or
+    None if PIL cannot identify the file. No pixel is decoded: this is the start-up check of a
+    streamed folder.
+
+    Image.open reads a few kilobytes, enough to reject empty files, text files and unknown formats
+    but not a file cut short after its header (StreamedImageFolder handles that one when it is
+    decoded). `Image.verify()` would not catch it either: for JPEG it does nothing, and for PNG it
+    reads the whole file to check every chunk's CRC, i.e. the entire dataset at start-up (90 GB of
+    FFHQ-1024 PNGs), which is what streaming is there to avoid."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            # PNG's getexif() decodes the pixels to reach an eXIf chunk stored after them; one
+            # stored before them (as PIL writes it) is already in image.info.
+            if image.format != "PNG" or "exif" in image.info:
+                if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):   # rotated by 90 or 270 degrees
+                    width, height = height, width
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+    return width, height
+
+
 # Copied from ddpm.load_image_folder
-def load_image_folder(root, height, width, class_conditional, num_workers, log=print):
-    """Decode and resize every image once (threads), skip unreadable files with one warning.
-    Returns uint8 images (N, 3, H, W), labels (N,) or None, class names. Under DDP every rank
-    decodes its own copy; only rank 0 prints."""
+def load_image_folder(root, height, width, class_conditional, num_workers, log=print,
+                      max_memory_gb=math.inf):
+    """The images of a folder, unreadable files skipped with one warning. Returns images, labels
+    (N,) or None, and the class names. `images` is a uint8 tensor (N, 3, H, W) or, if that would
+    take more than `max_memory_gb`, a StreamedImageFolder that make_batch indexes the same way.
+
+    Memory: N x 3 x H x W bytes, in every process of a DDP run: 2 GB for 10,000 images at 256x256,
+    but 220 GB for FFHQ (70,000 at 1024x1024) and 600 GB for LSUN bedrooms (3M at 256x256). In
+    memory, `num_workers` threads decode every image once (PIL releases the GIL while it decodes
+    and resizes) straight into one preallocated array; a list of arrays and np.stack would hold
+    the dataset twice at the peak. Streamed, only the file headers are read here. Under DDP
+    every rank does this itself; only rank 0 prints."""
     paths, labels, classes = find_images(root, class_conditional)
-    with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
-        decoded = list(pool.map(lambda p: load_image(p, height, width), paths))
-    keep = [i for i, d in enumerate(decoded) if d is not None]
+    decoded_gb = len(paths) * 3 * height * width / 1e9
+    streamed = decoded_gb > max_memory_gb
+    if streamed:
+        with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
+            sizes = list(pool.map(read_image_size, paths))
+        # "Upscaled" from the header's size: what load_image will find when it decodes the file.
+        upscaled = [None if size is None else max(height / size[1], width / size[0]) > 1
+                    for size in sizes]
+    else:
+        array = np.empty((len(paths), 3, height, width), dtype=np.uint8)
+
+        def decode(i):
+            result = load_image(paths[i], height, width)
+            if result is None:
+                return None
+            array[i] = result[0]                                    # each thread its own rows
+            return result[1]
+
+        with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
+            upscaled = list(pool.map(decode, range(len(paths))))
+    keep = [i for i, u in enumerate(upscaled) if u is not None]
     if not keep:
         raise UserError(f"none of the {len(paths)} image files under {root} could be read")
-    bad = [p for p, d in zip(paths, decoded) if d is None]
+    bad = [p for p, u in zip(paths, upscaled) if u is None]
     if bad and int(os.environ.get("RANK", 0)) == 0:
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         print(f"{METHOD}.py: warning: skipping {len(bad)} unreadable image file(s): {shown}",
               file=sys.stderr)
-    images = torch.from_numpy(np.stack([decoded[i][0] for i in keep]))
-    upscaled = sum(decoded[i][1] for i in keep)
-    log(f"dataset: {len(keep)} images from {root}, {len(bad)} skipped, {upscaled} upscaled to "
-        f"{height}x{width}" + (f", {len(classes)} classes: {', '.join(classes)}" if classes else ""))
     labels = torch.tensor([labels[i] for i in keep]) if class_conditional else None
+    if streamed:
+        images = StreamedImageFolder([paths[i] for i in keep], labels, height, width, num_workers)
+    else:
+        for j, i in enumerate(keep):                                # close the skipped files'
+            if j != i:                                              # gaps in place (j < i)
+                array[j] = array[i]
+        images = torch.from_numpy(array[:len(keep)])
+    log(f"dataset: {len(keep)} images from {root}, {len(bad)} skipped, "
+        f"{sum(upscaled[i] for i in keep)} upscaled to {height}x{width}"
+        + (f", streamed from disk ({decoded_gb:.3g} GB decoded > --max_memory_dataset_gb "
+           f"{max_memory_gb:g})" if streamed else "")
+        + (f", {len(classes)} classes: {', '.join(classes)}" if classes else ""))
     return images, labels, classes
+
+
+# Copied from ddpm.StreamedImageFolder
+class StreamedImageFolder:
+    """A folder too large to decode into memory, indexed like the uint8 tensor it stands in for:
+    `images[indices]` -> uint8 (B, 3, H, W), decoded from disk when make_batch asks for it.
+
+    Threads, not processes: PIL releases the GIL while it decodes, resizes and converts, so
+    `num_workers` threads decode in parallel, and meanwhile the main thread's forward and backward
+    run (PyTorch releases the GIL in its kernels; on a GPU they run asynchronously anyway).
+    `prefetch` queues the next micro-batches, so that they are ready when they are asked for.
+
+    Determinism: image i is always decoded from file i by load_image, the in-memory path's
+    function, so `images[indices]` is bitwise what the tensor would hold, and a batch stays a
+    function of its BatchStream index (exact resume, DDP: each rank decodes only its own batches).
+    The threads draw no random numbers; make_batch draws the flips afterwards on the main thread.
+
+    A file whose header passed the start-up check can still fail to decode (a truncated
+    download). It is replaced by the next file in index order (cyclically) that decodes and has
+    the same label, which depends on the index only, so batches stay a function of their index.
+    One warning per file names it (each rank warns for its own batches); it is not read again."""
+
+    def __init__(self, paths, labels, height, width, num_workers):
+        self.paths, self.height, self.width = paths, height, width
+        self.labels = labels.tolist() if labels is not None else None
+        self.pool = concurrent.futures.ThreadPoolExecutor(num_workers)
+        self.pending = {}                                           # indices -> their futures
+        self.failed, self.lock = set(), threading.Lock()
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, indices):
+        key = tuple(indices.tolist())
+        futures = self.pending.pop(key, None) or [self.pool.submit(self.decode, i) for i in key]
+        return torch.from_numpy(np.stack([f.result() for f in futures]))   # (B, 3, H, W)
+
+    def prefetch(self, batches):
+        """Start decoding `batches` (index tensors) in the background."""
+        for indices in batches:
+            key = tuple(indices.tolist())
+            if key not in self.pending:
+                self.pending[key] = [self.pool.submit(self.decode, i) for i in key]
+
+    def decode(self, index):
+        """Image `index` as uint8 (3, H, W), or its replacement if its file fails to decode."""
+        n = len(self.paths)
+        for j in ((index + k) % n for k in range(n)):
+            if j in self.failed or (self.labels is not None
+                                    and self.labels[j] != self.labels[index]):
+                continue
+            result = load_image(self.paths[j], self.height, self.width)
+            if result is not None:
+                return result[0]
+            with self.lock:                                         # warned once, and before
+                if j not in self.failed:                            # other threads skip it
+                    print(f"{METHOD}.py: warning: {self.paths[j]} cannot be decoded (its header "
+                          f"passed the start-up check); the next readable image"
+                          + (" of its class" if self.labels is not None else "")
+                          + " replaces it",
+                          file=sys.stderr)
+                    self.failed.add(j)
+        raise UserError(f"none of the {n} image files"
+                        + (" of this class" if self.labels is not None else "")
+                        + f" can be decoded (e.g. {self.paths[index]}); check the folder")
 
 
 # Copied from ddpm.load_dataset
 def load_dataset(args, log=print):
-    """The training images as one uint8 tensor, decoded and resized once for the whole run."""
+    """The training images: the built-in dataset, or a folder decoded once for the whole run,
+    or streamed from disk if it is larger than --max_memory_dataset_gb decoded."""
     height, width = args.image_size
     if args.dataset_path is None:
         images, labels, classes = procedural_dataset(args.procedural_size, height, width,
@@ -706,7 +841,7 @@ def load_dataset(args, log=print):
         log(f"dataset: {len(images)} built-in procedural landscapes at {height}x{width}")
         return images, labels, classes
     return load_image_folder(args.dataset_path, height, width, args.class_conditional,
-                             args.num_workers, log)
+                             args.num_workers, log, args.max_memory_dataset_gb)
 
 
 # Copied from ddpm.BatchStream
@@ -737,8 +872,8 @@ class BatchStream:
 
 # Copied from ddpm.make_batch
 def make_batch(images, labels, indices, hflip, device):
-    """uint8 (N, 3, H, W) -> float in [-1, 1] on `device`, randomly flipped (global torch RNG,
-    whose state the checkpoint saves), with labels or None."""
+    """uint8 (N, 3, H, W) (a tensor or a StreamedImageFolder) -> float in [-1, 1] on `device`,
+    randomly flipped (global torch RNG, whose state the checkpoint saves), with labels or None."""
     x = images[indices].to(device).float() / 127.5 - 1.0          # (B, 3, H, W) in [-1, 1]
     if hflip:
         flip = (torch.rand(x.shape[0]) < 0.5).to(device)
@@ -1673,6 +1808,7 @@ def train(args, ckpt=None, ckpt_path=None):
                                         else None)
     raw_model = model.module if world > 1 else model
     stream = BatchStream(len(images), args.batch_size, args.seed, rank, world)
+    micro_batches = args.max_steps * args.accumulation_iters      # in the whole run, per rank
     autocast = (torch.autocast(device.type, dtype=getattr(torch, {"bf16": "bfloat16",
                                                                   "fp16": "float16"}[args.precision]))
                 if args.precision != "fp32" else contextlib.nullcontext())
@@ -1706,8 +1842,10 @@ def train(args, ckpt=None, ckpt_path=None):
     while step < args.max_steps:
         loss_sum = 0.0
         for micro in range(args.accumulation_iters):
-            x0, y = make_batch(images, labels, stream.indices(step * args.accumulation_iters + micro),
-                               args.hflip, device)
+            k = step * args.accumulation_iters + micro              # this rank's micro-batch k
+            x0, y = make_batch(images, labels, stream.indices(k), args.hflip, device)
+            if isinstance(images, StreamedImageFolder):             # decode k+1, k+2 meanwhile
+                images.prefetch(stream.indices(j) for j in range(k + 1, min(k + 3, micro_batches)))
             # DDP all-reduces gradients only in the backward of the last micro-batch.
             sync = micro == args.accumulation_iters - 1 or world == 1
             loss_sum += micro_batch_step(model, diffusion, x0, y, args, scaler, autocast, sync)
