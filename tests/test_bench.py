@@ -1,13 +1,18 @@
-"""bench/bench_methods.py runs end to end (no timing is asserted: speed lives in bench/)."""
+"""bench/bench_methods.py and bench/bench_kernels.py run end to end, and the kernels' targets are
+judged correctly (no timing is asserted: speed lives in bench/)."""
 
 import os
+import subprocess
 import sys
 
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "bench"))
+import bench_kernels  # noqa: E402
 import bench_methods  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = bench_methods.Row("tiny", "ddpm", "--image_size 16 --base_channels 32 --channel_mults 1,2 "
                          "--attention_resolutions 8 --batch_size 2")
@@ -68,3 +73,85 @@ def test_targets_compare_the_named_rows():
     memory = lines["patch_ddpm 128x128, K = 1: sampling peak memory above start, N = 2 vs N = 1"]
     assert "| 0.4x | <= 0.35x | **missed** |" in memory
     assert len(lines) == 3                                          # unmeasured targets left out
+
+
+# ------------------------------------------------------------------------------------------------
+# bench/bench_kernels.py
+
+
+def run_bench_kernels(*argv, interpret):
+    env = dict(os.environ, TRITON_INTERPRET="1" if interpret else "0", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_kernels.py"),
+                           *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.skipif(bench_kernels.DEVICE == "cuda", reason="on a GPU the real benchmark runs")
+def test_kernel_bench_smoke_run_takes_every_path(tmp_path):
+    """The GPU benchmark's code, run on tiny shapes under the Triton interpreter, so that a script
+    error shows up here and not in the first minutes of a borrowed GPU."""
+    out = tmp_path / "kernels.md"
+    result = run_bench_kernels("--smoke", "--out", str(out), interpret=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = out.read_text()
+    assert report == result.stdout.rstrip("\n") + "\n"
+    for heading in ("## Group norm + scale/shift + SiLU", "## Attention (non-causal)",
+                    "## End to end: ddpm.py training step", "## Targets"):
+        assert heading in report
+    for impl in ("| triton |", "| eager |", "| torch.compile(eager) |", "| sdpa MATH |",
+                 "| naive |", "| torch.compile(naive) |", "| --kernels triton |"):
+        assert impl in report, impl
+    targets = report.split("## Targets")[1]
+    for target in ("GN: speedup vs eager, >= 32x32", "GN: speedup vs eager, 8x8-16x16",
+                   "GN: speedup vs torch.compile", "attention: speedup vs SDPA flash",
+                   "attention: latency / fastest SDPA backend", "attention: speedup vs naive",
+                   "end to end: ddpm.py step"):
+        assert target in targets, target
+
+
+@pytest.mark.skipif(bench_kernels.DEVICE == "cuda", reason="needs a machine without CUDA")
+@pytest.mark.parametrize("argv, interpret, phrase", [
+    ([], False, "needs a CUDA GPU"),
+    (["--smoke"], False, "set TRITON_INTERPRET=1"),
+])
+def test_kernel_bench_refuses_what_it_cannot_time(argv, interpret, phrase):
+    result = run_bench_kernels(*argv, interpret=interpret)
+    assert result.returncode == 2 and phrase in result.stderr, result.stderr
+
+
+def test_kernel_targets_are_judged_from_the_measurements():
+    """Synthetic measurements (ms, MiB) through target_rows: every threshold of the issue, 'met'
+    exactly at the bound, and 'missed by' the relative shortfall."""
+    gn = {(64, 256, 32, 32): {"triton": (1, 1.0, 0), "eager": (1, 3.0, 0),
+                              "torch.compile(eager)": (1, 1.1, 0)},
+          (64, 512, 8, 8): {"triton": (1, 1.0, 0), "eager": (1, 1.5, 0),
+                            "torch.compile(eager)": (1, 1.2, 0)}}
+    flash = (1, 2.0, 0)
+    attention = {(64, 4, 256, 64): {"triton": (1, 2.4, 64.0), "sdpa FLASH_ATTENTION": flash,
+                                    "sdpa MATH": (1, 9.0, 0), "sdpa CUDNN_ATTENTION": None,
+                                    "naive": (1, 9.6, 0)},
+                 (4, 4, 4096, 64): {"triton": (1, 2.5, 64.0), "sdpa FLASH_ATTENTION": flash,
+                                    "naive": (1, 5.0, 0)}}
+    bench_kernels.DTYPE = bench_kernels.DTYPES["bf16"]
+    rows = bench_kernels.target_rows(gn, attention, {"torch": 13.0, "triton": 10.0}, 3e12)
+    got = {(r[0], r[1]): (r[2], r[4]) for r in rows}
+    assert got[("GN: speedup vs eager, >= 32x32", "64, 256, 32, 32")] == ("3.00x", "met")
+    assert got[("GN: speedup vs torch.compile", "64, 256, 32, 32")] == ("1.10x", "missed by 8%")
+    assert got[("GN: speedup vs eager, 8x8-16x16", "64, 512, 8, 8")] == ("1.50x", "missed by 25%")
+    assert got[("GN: speedup vs torch.compile", "64, 512, 8, 8")] == ("1.20x", "met")
+    # 64 x 256 x 32 x 32 bf16 = 32 MiB per tensor: not a large shape, so no bandwidth row.
+    assert not any(r[0].startswith("GN: fraction of copy bandwidth") for r in rows)
+    assert got[("attention: latency / fastest SDPA backend, N <= 256", "64, 4, 256, 64")] == \
+        ("1.20x", "met")
+    assert got[("attention: speedup vs naive", "64, 4, 256, 64")] == ("4.00x", "met")
+    assert got[("attention: speedup vs SDPA flash, N >= 1024, d = 64", "4, 4, 4096, 64")] == \
+        ("0.80x", "missed by 20%")
+    assert got[("attention: speedup vs naive", "4, 4, 4096, 64")] == ("2.00x", "missed by 33%")
+    # Extra MiB per token: 64 / (64*4*256) at N = 256, 64 / (4*4*4096) at 4096: flat, linear.
+    assert got[("attention: memory per token, linear in N", "d = 64, N 256 -> 4096")] == \
+        ("1.00x", "met")
+    assert got[("end to end: ddpm.py step, triton vs torch", "")] == ("1.30x", "met")
+    big = {(32, 128, 128, 128): {"triton": (1, 1.0, 0), "eager": (1, 4.0, 0),
+                                 "torch.compile(eager)": (1, 2.0, 0)}}
+    rows = bench_kernels.target_rows(big, None, None, 2 * 5 * 2**27 / 1e-3)  # 2x what it got
+    bandwidth = [r for r in rows if r[0].startswith("GN: fraction of copy bandwidth")]
+    assert [(r[2], r[4]) for r in bandwidth] == [("50%", "missed by 33%")]
