@@ -269,7 +269,10 @@ def _launch_configs(n_q, n_kv, head_dim, dtype):
     16-bit inputs (tensor cores). Forward: large query blocks amortise the K/V stream. Backward
     (FlashAttention-2 split): the dK/dV kernel keeps a large K/V block resident and streams small
     Q blocks, the dQ kernel the reverse. d = 128 halves the streamed block to stay within
-    registers and shared memory.
+    registers and shared memory. Both backward kernels run 8 warps: with 4, each thread holds a
+    quarter of the resident block's fp32 accumulators (dK and dV: 2 x 128 x 64 values at d = 64),
+    and ptxas spills 296 bytes per thread of the dK/dV kernel to the stack (sm_90,
+    `python bench/compile_kernels.py`).
 
     fp32 gets smaller blocks over 8 warps. Its "ieee" products run on the CUDA cores, where each
     thread keeps its rows of A and columns of B in registers over the whole reduction; at the
@@ -279,7 +282,11 @@ def _launch_configs(n_q, n_kv, head_dim, dtype):
     """
     if dtype == torch.float32:
         forward = dict(BLOCK_M=_fit(64, n_q), BLOCK_N=_fit(32, n_kv), num_warps=8, num_stages=2)
-        dkdv = dict(BLOCK_M=_fit(16, n_q), BLOCK_N=_fit(64, n_kv), num_warps=8, num_stages=2)
+        # 32 resident K/V rows at d = 32: with 64, triton 3.6 (not 3.9) gives the dK/dV kernel a
+        # 16-byte stack frame (bench/compile_kernels.py).
+        resident = 32 if head_dim == 32 else 64
+        dkdv = dict(BLOCK_M=_fit(16, n_q), BLOCK_N=_fit(resident, n_kv), num_warps=8,
+                    num_stages=2)
         dq = dict(BLOCK_M=_fit(64, n_q), BLOCK_N=_fit(16, n_kv), num_warps=8, num_stages=2)
         return forward, dkdv, dq
     stream = 64 if head_dim <= 64 else 32
@@ -288,9 +295,9 @@ def _launch_configs(n_q, n_kv, head_dim, dtype):
                    num_warps=8 if fwd_m == 128 else 4, num_stages=3)
     resident = 128 if head_dim <= 64 else 64
     dkdv = dict(BLOCK_M=_fit(stream // 2, n_q), BLOCK_N=_fit(resident, n_kv),
-                num_warps=4, num_stages=3 if head_dim <= 64 else 2)
+                num_warps=8, num_stages=3 if head_dim <= 64 else 2)
     dq = dict(BLOCK_M=_fit(resident, n_q), BLOCK_N=_fit(stream // 2, n_kv),
-              num_warps=4, num_stages=3 if head_dim <= 64 else 2)
+              num_warps=8, num_stages=3 if head_dim <= 64 else 2)
     return forward, dkdv, dq
 
 

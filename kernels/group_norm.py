@@ -8,36 +8,49 @@ group norm, "AdaGN"):
 for x of shape (B, C, *spatial), C channels split into G groups of C/G consecutive channels,
 gamma/beta of shape (C,), the timestep-conditioned scale/shift of shape (B, C), and act = SiLU
 (z * sigmoid(z)) or the identity. In eager PyTorch this is five kernels that each read and write
-the whole activation; here it is two passes forward and two backward, each reading x once.
+the whole activation; here it is one kernel forward and one backward.
 `reference.group_norm_act` is the same function in plain PyTorch.
+
+One program per group
+---------------------
+Channel c of sample n is a row of L = H*W contiguous values, and the C/G channels of group (n, g)
+are consecutive rows: the whole group is one contiguous span of M = (C/G) * L values. Each program
+owns one group and walks it twice in [C/G, L_BLOCK] tiles (channels x positions, so everything
+per-channel is a vector along the first axis): once for the statistics, once for the output.
+
+Why one program per group, and not one per row with separate statistics and apply kernels: the
+second walk re-reads what the same program read a moment before. The group (at most a few hundred
+kilobytes for U-Net shapes) is still in the GPU's L2 cache (50 MB on an H100), so DRAM sees each
+tensor once: the forward moves the minimum 2T (read x, write out; T = one tensor's bytes) and the
+backward 3T (read x and dout, write dx). Kernels split at the statistics would move 3T and 5T,
+because by the time the second kernel runs, the tensor has long left L2 (eager PyTorch: about
+9T + 14T). The price is parallelism: B*G programs (1024-2048 in training at batch 32-64) instead of
+B*C; at batch 1-4 (sampling) a GPU is not filled, which costs little time in absolute terms.
 
 Group statistics
 ----------------
-Row (n, c) is the L = H*W contiguous values of channel c of sample n. Group (n, g) is C/G
-consecutive rows, M = (C/G) * L values:
-
     mean_g = (1/M) sum x,    var_g = (1/M) sum (x - mean_g)^2,    rstd_g = 1 / sqrt(var_g + eps)
 
 always in fp32, whatever x's dtype (improved-DDPM's GroupNorm32 does the same). The naive
-E[x^2] - E[x]^2 loses every digit when |mean| >> std, so each row is reduced block by block: a
-block's own mean and centred sum of squares M2 are exact in registers, and blocks are merged with
+E[x^2] - E[x]^2 loses every digit when |mean| >> std, so the group is reduced tile by tile: a
+tile's own mean and centred sum of squares M2 are exact in registers, and tiles are merged with
 Chan et al.'s parallel update (count n_a + n_b, delta = mean_b - mean_a):
 
     mean = mean_a + delta * n_b / (n_a + n_b)
     M2   = M2_a + M2_b + delta^2 * n_a * n_b / (n_a + n_b)
 
-The group then merges its C/G rows the same way (they all have L values):
-M2_g = sum_c M2_c + L * sum_c (mean_c - mean_g)^2.
-
 The folded affine
 -----------------
-For a fixed (n, c), everything before the activation is one affine map of x:
+For a fixed (n, c), everything before the activation is one affine map of the centred x:
 
-    z = a * x + b,    a = rstd * gamma * (1 + s),    b = (beta - mean * rstd * gamma) * (1 + s) + t
+    z = a * (x - mean) + b,    a = rstd * gamma * (1 + s),    b = beta * (1 + s) + t
 
-so the apply pass is one multiply-add and a sigmoid per element. Forward = two launches: per-row
-statistics (B*C programs, plenty of parallelism even at 8x8), then per-row merge + apply. The
-group's first row saves (mean, rstd) in fp32 for the backward; the output is never saved.
+so the output walk is a subtraction, a multiply-add and a sigmoid per element, with (a, b) a vector
+over the tile's channels. Folding the mean into b as well (z = a * x + (b - a * mean)) would save
+the subtraction but cancel catastrophically where |mean| * rstd is large: a group of nearly equal
+values (a flat image region, one value per group) has rstd up to 1/sqrt(eps) = 316, and a * x and
+a * mean then agree in all but the last few bits. The forward saves (mean, rstd) in fp32 for the backward; the output is never
+saved.
 
 Backward
 --------
@@ -46,21 +59,23 @@ gradient dout goes back through the activation, SiLU'(z) = sigmoid(z) * (1 + z *
 
     g = dout * act'(z)
 
-Two per-row sums carry every parameter gradient (pass 1, recomputing z from x):
+Two per-channel sums carry every parameter gradient (first walk, recomputing z from x):
 
     S1[n, c] = sum_l g,    S2[n, c] = sum_l g * xhat
 
     dshift[n, c] = S1                    dbias[c]   = sum_n (1 + s) * S1
     dscale[n, c] = gamma * S2 + beta * S1    dweight[c] = sum_n (1 + s) * S2
 
-(the last four are [B, C] arithmetic, done in PyTorch). For x, write w_c = gamma_c * (1 + s_nc)
-so dxhat = w_c * g, and the usual normalisation backward over the M values of the group gives
+(the kernel stores S1 and S2; the last four are [B, C] arithmetic, done in PyTorch). For x, write
+w_c = gamma_c * (1 + s_nc) so dxhat = w_c * g, and the usual normalisation backward over the M
+values of the group gives
 
     dx = rstd * (w_c * g - A / M - xhat * B / M),    A = sum_{c in g} w_c S1,  B = sum_{c in g} w_c S2
 
-Pass 2 recomputes g and xhat per element and applies this. It is written with xhat rather than
-expanded into c1 * g + c2 * x + c3 because c2 * x + c3 cancels catastrophically when |mean| >> std.
-Every reduction has exactly one writer and a fixed order: no atomics, bitwise deterministic.
+The second walk recomputes g and xhat per element and applies this. It is written with xhat rather
+than expanded into c1 * g + c2 * x + c3 because c2 * x + c3 cancels catastrophically when
+|mean| >> std. Every sum has exactly one writer (the group's program) and a fixed order: no
+atomics, bitwise deterministic.
 """
 
 from typing import Optional
@@ -71,8 +86,11 @@ import triton.language as tl
 
 from .launch import on_device
 
-# The kernels hold one row block in registers; beyond 2048 values they loop over the row.
-_MAX_BLOCK = 2048
+# A tile holds at most this many values of a group (channels x positions) in registers: with 8
+# warps, 8 per thread. Larger tiles need more registers per thread, so fewer programs share an SM
+# and fewer loads are in flight to hide the memory latency (ptxas, sm_90: a 4096-value tile of the
+# backward takes ~190 registers per thread, one program per SM; 2048 values fit in ~130).
+_MAX_TILE = 2048
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,65 +99,42 @@ _MAX_BLOCK = 2048
 
 
 @triton.jit
-def _channel_stats_kernel(X, RowMean, RowM2, L, BLOCK: tl.constexpr):
-    """Mean and centred sum of squares M2 of one row (n, c) of L values, in fp32."""
-    row = tl.program_id(0).to(tl.int64)
-    offsets = tl.arange(0, BLOCK)
-    count = 0.0
-    mean = 0.0
-    m2 = 0.0
-    for start in range(0, L, BLOCK):
-        in_row = start + offsets < L
-        x = tl.load(X + row * L + start + offsets, mask=in_row, other=0.0).to(tl.float32)
-        block_count = tl.minimum(L - start, BLOCK).to(tl.float32)
-        block_mean = tl.sum(x, axis=0) / block_count
-        centred = tl.where(in_row, x - block_mean, 0.0)
-        block_m2 = tl.sum(centred * centred, axis=0)
-        # Chan et al.'s merge of (count, mean, m2) with the block's statistics.
-        total = count + block_count
-        delta = block_mean - mean
-        mean = mean + delta * (block_count / total)
-        m2 = m2 + block_m2 + delta * delta * (count * block_count / total)
-        count = total
-    tl.store(RowMean + row, mean)
-    tl.store(RowM2 + row, m2)
+def _tile(group, L, start, CPG, CPG_BLOCK: tl.constexpr, L_BLOCK: tl.constexpr):
+    """Offsets and mask of the [CPG_BLOCK, L_BLOCK] tile at position `start` of a group: rows
+    are the group's channels, columns L_BLOCK consecutive positions of each channel."""
+    channels = tl.arange(0, CPG_BLOCK)
+    positions = start + tl.arange(0, L_BLOCK)
+    offsets = group * CPG * L + channels[:, None] * L + positions[None, :]
+    mask = (channels[:, None] < CPG) & (positions[None, :] < L)
+    return offsets, mask
 
 
 @triton.jit
-def _group_stats(RowMean, RowM2, group, L, eps, CPG, CPG_BLOCK: tl.constexpr):
-    """(mean, rstd) of a group, merged from the statistics of its CPG rows (channels)."""
+def _folded_affine(Weight, Bias, Scale, Shift, group, rstd, C, CPG,
+                   CPG_BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr):
+    """Per-channel vectors of the group: (a, b) of z = a * (x - mean) + b, shaped [CPG_BLOCK, 1]
+    to broadcast over a tile, and w = gamma * (1 + s). A missing gamma/beta/scale/shift is the
+    identity."""
     channels = tl.arange(0, CPG_BLOCK)
     in_group = channels < CPG
-    row_means = tl.load(RowMean + group * CPG + channels, mask=in_group, other=0.0)
-    row_m2s = tl.load(RowM2 + group * CPG + channels, mask=in_group, other=0.0)
-    mean = tl.sum(row_means, axis=0) / CPG
-    spread = tl.where(in_group, row_means - mean, 0.0)
-    m2 = tl.sum(row_m2s, axis=0) + L * tl.sum(spread * spread, axis=0)
-    rstd = 1.0 / tl.sqrt(m2 / (CPG * L) + eps)
-    return mean, rstd
-
-
-@triton.jit
-def _folded_affine(Weight, Bias, Scale, Shift, row, c, mean, rstd,
-                   HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr):
-    """(a, b) of row (n, c) such that z = a * x + b; a missing gamma/beta/scale/shift is the identity."""
-    gamma = 1.0
-    beta = 0.0
-    one_plus_s = 1.0
-    t = 0.0
+    row = group * CPG + channels                                    # n * C + c, also into (B, C)
+    c = row % C
+    gamma = tl.full([CPG_BLOCK], 1.0, dtype=tl.float32)
+    beta = tl.zeros([CPG_BLOCK], dtype=tl.float32)
+    one_plus_s = tl.full([CPG_BLOCK], 1.0, dtype=tl.float32)
+    t = tl.zeros([CPG_BLOCK], dtype=tl.float32)
     if HAS_WEIGHT:
-        gamma = tl.load(Weight + c).to(tl.float32)
+        gamma = tl.load(Weight + c, mask=in_group, other=1.0).to(tl.float32)
     if HAS_BIAS:
-        beta = tl.load(Bias + c).to(tl.float32)
+        beta = tl.load(Bias + c, mask=in_group, other=0.0).to(tl.float32)
     if HAS_SCALE:
         # scale is (B, C) contiguous, so row n*C + c is also its flat index.
-        one_plus_s = 1.0 + tl.load(Scale + row).to(tl.float32)
+        one_plus_s = 1.0 + tl.load(Scale + row, mask=in_group, other=0.0).to(tl.float32)
     if HAS_SHIFT:
-        t = tl.load(Shift + row).to(tl.float32)
-    a = rstd * gamma * one_plus_s
-    b = (beta - mean * rstd * gamma) * one_plus_s + t
-    return a, b
+        t = tl.load(Shift + row, mask=in_group, other=0.0).to(tl.float32)
+    w = gamma * one_plus_s
+    return (rstd * w)[:, None], (beta * one_plus_s + t)[:, None], w
 
 
 @triton.jit
@@ -150,104 +145,91 @@ def _silu_grad(z):
 
 
 @triton.jit
-def _forward_kernel(X, Out, RowMean, RowM2, Mean, Rstd, Weight, Bias, Scale, Shift,
-                    C, L, eps, CPG,
+def _forward_kernel(X, Out, Mean, Rstd, Weight, Bias, Scale, Shift, C, L, eps, CPG,
                     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-                    SILU: tl.constexpr, CPG_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
-    """out = act(a * x + b) for one row, with the folded per-(n, c) affine (a, b)."""
-    row = tl.program_id(0).to(tl.int64)
-    c = row % C
-    group = row // CPG
-    mean, rstd = _group_stats(RowMean, RowM2, group, L, eps, CPG, CPG_BLOCK)
-    # One writer per group, so the saved statistics are deterministic.
-    is_first_channel = c % CPG == 0
-    tl.store(Mean + group, mean, mask=is_first_channel)
-    tl.store(Rstd + group, rstd, mask=is_first_channel)
+                    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
+                    CPG_BLOCK: tl.constexpr, L_BLOCK: tl.constexpr):
+    """One group (n, g): its (mean, rstd) by Chan's merge over tiles, then
+    out = act(a * (x - mean) + b)."""
+    group = tl.program_id(0).to(tl.int64)
+    count = 0.0
+    mean = 0.0
+    m2 = 0.0
+    for start in range(0, L, L_BLOCK):
+        offsets, mask = _tile(group, L, start, CPG, CPG_BLOCK, L_BLOCK)
+        x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
+        tile_count = (CPG * tl.minimum(L - start, L_BLOCK)).to(tl.float32)
+        tile_mean = tl.sum(tl.sum(x, axis=1), axis=0) / tile_count
+        centred = tl.where(mask, x - tile_mean, 0.0)
+        tile_m2 = tl.sum(tl.sum(centred * centred, axis=1), axis=0)
+        # Chan et al.'s merge of (count, mean, m2) with the tile's statistics.
+        total = count + tile_count
+        delta = tile_mean - mean
+        mean = mean + delta * (tile_count / total)
+        m2 = m2 + tile_m2 + delta * delta * (count * tile_count / total)
+        count = total
+    rstd = 1.0 / tl.sqrt(m2 / count + eps)
+    tl.store(Mean + group, mean)
+    tl.store(Rstd + group, rstd)
 
-    a, b = _folded_affine(Weight, Bias, Scale, Shift, row, c, mean, rstd,
-                          HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT)
-    offsets = tl.arange(0, BLOCK)
-    for start in range(0, L, BLOCK):
-        in_row = start + offsets < L
-        x = tl.load(X + row * L + start + offsets, mask=in_row, other=0.0).to(tl.float32)
-        z = a * x + b
+    # The second walk reads the tiles this program has just read: they come from L2, not DRAM.
+    a, b, _w = _folded_affine(Weight, Bias, Scale, Shift, group, rstd, C, CPG, CPG_BLOCK,
+                              HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT)
+    for start in range(0, L, L_BLOCK):
+        offsets, mask = _tile(group, L, start, CPG, CPG_BLOCK, L_BLOCK)
+        x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
+        z = a * (x - mean) + b
         if SILU:
             z = z * tl.sigmoid(z)
-        tl.store(Out + row * L + start + offsets, z.to(Out.dtype.element_ty), mask=in_row)
+        tl.store(Out + offsets, z.to(Out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _backward_sums_kernel(X, GradOut, Mean, Rstd, Weight, Bias, Scale, Shift, SumG, SumGXhat,
-                          C, L, CPG,
-                          HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-                          SILU: tl.constexpr, BLOCK: tl.constexpr):
-    """Pass 1: S1 = sum g and S2 = sum g * xhat over one row, g = dout * act'(z)."""
-    row = tl.program_id(0).to(tl.int64)
-    c = row % C
-    group = row // CPG
+def _backward_kernel(X, GradOut, GradX, Mean, Rstd, Weight, Bias, Scale, Shift, SumG, SumGXhat,
+                     C, L, CPG,
+                     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
+                     CPG_BLOCK: tl.constexpr, L_BLOCK: tl.constexpr):
+    """One group (n, g): S1 = sum g and S2 = sum g * xhat per channel (stored for the parameter
+    gradients), then dx = rstd * (w_c * g - A / M - xhat * B / M) on a second walk."""
+    group = tl.program_id(0).to(tl.int64)
     mean = tl.load(Mean + group)
     rstd = tl.load(Rstd + group)
-    a, b = _folded_affine(Weight, Bias, Scale, Shift, row, c, mean, rstd,
-                          HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT)
-    offsets = tl.arange(0, BLOCK)
-    # Per-lane partial sums, reduced once at the end: fewer rounding steps than a scalar running sum.
-    sum_g = tl.zeros([BLOCK], dtype=tl.float32)
-    sum_g_xhat = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, L, BLOCK):
-        in_row = start + offsets < L
-        x = tl.load(X + row * L + start + offsets, mask=in_row, other=0.0).to(tl.float32)
+    a, b, w = _folded_affine(Weight, Bias, Scale, Shift, group, rstd, C, CPG, CPG_BLOCK,
+                             HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT)
+    # Per-element partial sums, reduced once at the end: fewer rounding steps than a running sum.
+    sum_g = tl.zeros([CPG_BLOCK, L_BLOCK], dtype=tl.float32)
+    sum_g_xhat = tl.zeros([CPG_BLOCK, L_BLOCK], dtype=tl.float32)
+    for start in range(0, L, L_BLOCK):
+        offsets, mask = _tile(group, L, start, CPG, CPG_BLOCK, L_BLOCK)
+        x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
         # Masked lanes load dout = 0, hence g = 0, so they add nothing to either sum.
-        g = tl.load(GradOut + row * L + start + offsets, mask=in_row, other=0.0).to(tl.float32)
+        g = tl.load(GradOut + offsets, mask=mask, other=0.0).to(tl.float32)
         if SILU:
-            g = g * _silu_grad(a * x + b)
+            g = g * _silu_grad(a * (x - mean) + b)
         sum_g += g
         sum_g_xhat += g * (x - mean) * rstd
-    tl.store(SumG + row, tl.sum(sum_g, axis=0))
-    tl.store(SumGXhat + row, tl.sum(sum_g_xhat, axis=0))
-
-
-@triton.jit
-def _backward_dx_kernel(X, GradOut, GradX, Mean, Rstd, Weight, Bias, Scale, Shift, SumG, SumGXhat,
-                        C, L, CPG,
-                        HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-                        SILU: tl.constexpr, CPG_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
-    """Pass 2: dx = rstd * w_c * g - rstd * (A / M + xhat * B / M) for one row."""
-    row = tl.program_id(0).to(tl.int64)
-    c = row % C
-    group = row // CPG
-    mean = tl.load(Mean + group)
-    rstd = tl.load(Rstd + group)
-
-    # A = sum_c w_c S1[c] and B = sum_c w_c S2[c] over the channels of this group.
+    s1 = tl.sum(sum_g, axis=1)                                      # [CPG_BLOCK], per channel
+    s2 = tl.sum(sum_g_xhat, axis=1)
     channels = tl.arange(0, CPG_BLOCK)
-    in_group = channels < CPG
-    w = tl.full([CPG_BLOCK], 1.0, dtype=tl.float32)
-    if HAS_WEIGHT:
-        w = tl.load(Weight + (c - c % CPG) + channels, mask=in_group, other=0.0).to(tl.float32)
-    if HAS_SCALE:
-        w = w * (1.0 + tl.load(Scale + group * CPG + channels, mask=in_group, other=0.0).to(tl.float32))
-    sums_g = tl.load(SumG + group * CPG + channels, mask=in_group, other=0.0)
-    sums_g_xhat = tl.load(SumGXhat + group * CPG + channels, mask=in_group, other=0.0)
-    group_size = CPG * L
-    mean_dxhat = tl.sum(w * sums_g, axis=0) / group_size
-    mean_dxhat_xhat = tl.sum(w * sums_g_xhat, axis=0) / group_size
+    tl.store(SumG + group * CPG + channels, s1, mask=channels < CPG)
+    tl.store(SumGXhat + group * CPG + channels, s2, mask=channels < CPG)
 
-    # a = rstd * w_c, the first term's coefficient.
-    a, b = _folded_affine(Weight, Bias, Scale, Shift, row, c, mean, rstd,
-                          HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT)
-    offsets = tl.arange(0, BLOCK)
-    for start in range(0, L, BLOCK):
-        in_row = start + offsets < L
-        x = tl.load(X + row * L + start + offsets, mask=in_row, other=0.0).to(tl.float32)
-        g = tl.load(GradOut + row * L + start + offsets, mask=in_row, other=0.0).to(tl.float32)
+    # A / M and B / M over the group; padded channels have w = 1 but S1 = S2 = 0.
+    group_size = CPG * L * 1.0                                      # fp32 (CPG or L may be 1)
+    mean_dxhat = tl.sum(w * s1, axis=0) / group_size
+    mean_dxhat_xhat = tl.sum(w * s2, axis=0) / group_size
+    for start in range(0, L, L_BLOCK):
+        offsets, mask = _tile(group, L, start, CPG, CPG_BLOCK, L_BLOCK)
+        x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(GradOut + offsets, mask=mask, other=0.0).to(tl.float32)
         if SILU:
-            g = g * _silu_grad(a * x + b)
+            g = g * _silu_grad(a * (x - mean) + b)
         x_hat = (x - mean) * rstd
-        dx = a * g - rstd * (mean_dxhat + x_hat * mean_dxhat_xhat)
-        tl.store(GradX + row * L + start + offsets, dx.to(GradX.dtype.element_ty), mask=in_row)
+        # rstd outside the bracket: where the group is nearly constant the bracket cancels to
+        # about 0, and rstd (up to 1/sqrt(eps)) would otherwise amplify two roundings of w_c * g.
+        dx = rstd * (w[:, None] * g - mean_dxhat - x_hat * mean_dxhat_xhat)
+        tl.store(GradX + offsets, dx.to(GradX.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,10 +237,13 @@ def _backward_dx_kernel(X, GradOut, GradX, Mean, Rstd, Weight, Bias, Scale, Shif
 # ---------------------------------------------------------------------------------------------
 
 
-def _row_launch(length):
-    """Block size and warps for a row of `length` values: one block per row up to _MAX_BLOCK."""
-    block = min(triton.next_power_of_2(length), _MAX_BLOCK)
-    return block, min(max(block // 256, 1), 8)
+def _tile_launch(cpg, length):
+    """Tile shape [CPG_BLOCK, L_BLOCK] and warps for groups of `cpg` channels of `length` values:
+    all of the group's channels in every tile, as many positions as _MAX_TILE leaves (the whole
+    row when it fits, so small feature maps take one tile)."""
+    cpg_block = triton.next_power_of_2(cpg)
+    l_block = min(triton.next_power_of_2(length), max(_MAX_TILE // cpg_block, 1))
+    return cpg_block, l_block, min(max(cpg_block * l_block // 256, 1), 8)
 
 
 def _flags(weight, bias, scale, shift, silu, x):
@@ -275,21 +260,16 @@ def _forward_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[
                 eps: float, silu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     x = x.contiguous()
     batch, channels = x.shape[:2]
-    rows, length, cpg = batch * channels, x[0, 0].numel(), channels // num_groups
-    row_mean = torch.empty(rows, dtype=torch.float32, device=x.device)
-    row_m2 = torch.empty(rows, dtype=torch.float32, device=x.device)
+    length, cpg = x[0, 0].numel(), channels // num_groups
     mean = torch.empty(batch, num_groups, dtype=torch.float32, device=x.device)
     rstd = torch.empty(batch, num_groups, dtype=torch.float32, device=x.device)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    block, num_warps = _row_launch(length)
+    cpg_block, l_block, num_warps = _tile_launch(cpg, length)
     flags, (w, b, s, t) = _flags(weight, bias, scale, shift, silu, x)
     with on_device(x):
-        _channel_stats_kernel[(rows,)](x, row_mean, row_m2, length, BLOCK=block,
-                                       num_warps=num_warps)
-        _forward_kernel[(rows,)](x, out, row_mean, row_m2, mean, rstd, w, b, s, t,
-                                 channels, length, eps, cpg,
-                                 CPG_BLOCK=triton.next_power_of_2(cpg), BLOCK=block,
-                                 num_warps=num_warps, **flags)
+        _forward_kernel[(batch * num_groups,)](x, out, mean, rstd, w, b, s, t, channels, length,
+                                               eps, cpg, CPG_BLOCK=cpg_block, L_BLOCK=l_block,
+                                               num_warps=num_warps, **flags)
     return out, mean, rstd
 
 
@@ -307,20 +287,18 @@ def _backward_op(grad_out: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rs
     """Returns dx and the per-(n, c) sums S1 = sum g, S2 = sum g * xhat, both (B, C) fp32."""
     x, grad_out = x.contiguous(), grad_out.contiguous()
     batch, channels = x.shape[:2]
-    rows, length, cpg = batch * channels, x[0, 0].numel(), channels // mean.shape[1]
+    num_groups = mean.shape[1]
+    length, cpg = x[0, 0].numel(), channels // num_groups
     sum_g = torch.empty(batch, channels, dtype=torch.float32, device=x.device)
     sum_g_xhat = torch.empty(batch, channels, dtype=torch.float32, device=x.device)
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    block, num_warps = _row_launch(length)
+    cpg_block, l_block, num_warps = _tile_launch(cpg, length)
     flags, (w, b, s, t) = _flags(weight, bias, scale, shift, silu, x)
     with on_device(x):
-        _backward_sums_kernel[(rows,)](x, grad_out, mean, rstd, w, b, s, t, sum_g, sum_g_xhat,
-                                       channels, length, cpg, BLOCK=block, num_warps=num_warps,
-                                       **flags)
-        _backward_dx_kernel[(rows,)](x, grad_out, grad_x, mean, rstd, w, b, s, t, sum_g,
-                                     sum_g_xhat, channels, length, cpg,
-                                     CPG_BLOCK=triton.next_power_of_2(cpg), BLOCK=block,
-                                     num_warps=num_warps, **flags)
+        _backward_kernel[(batch * num_groups,)](x, grad_out, grad_x, mean, rstd, w, b, s, t,
+                                                sum_g, sum_g_xhat, channels, length, cpg,
+                                                CPG_BLOCK=cpg_block, L_BLOCK=l_block,
+                                                num_warps=num_warps, **flags)
     return grad_x, sum_g, sum_g_xhat
 
 
