@@ -145,6 +145,17 @@ def _silu_grad(z):
 
 
 @triton.jit
+def _load_x_and_g(X, GradOut, offsets, mask, a, b, mean, SILU: tl.constexpr):
+    """A tile's x and g = dout * act'(z) in fp32. Masked lanes load dout = 0, hence g = 0, so they
+    add nothing to the backward's sums."""
+    x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(GradOut + offsets, mask=mask, other=0.0).to(tl.float32)
+    if SILU:
+        g = g * _silu_grad(a * (x - mean) + b)
+    return x, g
+
+
+@triton.jit
 def _forward_kernel(X, Out, Mean, Rstd, Weight, Bias, Scale, Shift, C, L, eps, CPG,
                     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
@@ -202,11 +213,7 @@ def _backward_kernel(X, GradOut, GradX, Mean, Rstd, Weight, Bias, Scale, Shift, 
     sum_g_xhat = tl.zeros([CPG_BLOCK, L_BLOCK], dtype=tl.float32)
     for start in range(0, L, L_BLOCK):
         offsets, mask = _tile(group, L, start, CPG, CPG_BLOCK, L_BLOCK)
-        x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
-        # Masked lanes load dout = 0, hence g = 0, so they add nothing to either sum.
-        g = tl.load(GradOut + offsets, mask=mask, other=0.0).to(tl.float32)
-        if SILU:
-            g = g * _silu_grad(a * (x - mean) + b)
+        x, g = _load_x_and_g(X, GradOut, offsets, mask, a, b, mean, SILU)
         sum_g += g
         sum_g_xhat += g * (x - mean) * rstd
     s1 = tl.sum(sum_g, axis=1)                                      # [CPG_BLOCK], per channel
@@ -221,10 +228,7 @@ def _backward_kernel(X, GradOut, GradX, Mean, Rstd, Weight, Bias, Scale, Shift, 
     mean_dxhat_xhat = tl.sum(w * s2, axis=0) / group_size
     for start in range(0, L, L_BLOCK):
         offsets, mask = _tile(group, L, start, CPG, CPG_BLOCK, L_BLOCK)
-        x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(GradOut + offsets, mask=mask, other=0.0).to(tl.float32)
-        if SILU:
-            g = g * _silu_grad(a * (x - mean) + b)
+        x, g = _load_x_and_g(X, GradOut, offsets, mask, a, b, mean, SILU)
         x_hat = (x - mean) * rstd
         # rstd outside the bracket: where the group is nearly constant the bracket cancels to
         # about 0, and rstd (up to 1/sqrt(eps)) would otherwise amplify two roundings of w_c * g.

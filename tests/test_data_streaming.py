@@ -74,13 +74,7 @@ def noise(width, height, seed):
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 
-def save(array_or_image, path, **kw):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image = (array_or_image if isinstance(array_or_image, Image.Image)
-             else Image.fromarray(array_or_image))
-    image.save(path, **kw)
-    return str(path)
+save = testing_utils.save_image
 
 
 def truncated(path, fmt="JPEG"):

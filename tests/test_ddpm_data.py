@@ -55,13 +55,7 @@ def solid(color, width=16, height=16):
     return np.full((height, width, 3), color, dtype=np.uint8)
 
 
-def save(array_or_image, path, **kw):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image = (array_or_image if isinstance(array_or_image, Image.Image)
-             else Image.fromarray(array_or_image))
-    image.save(path, **kw)
-    return str(path)
+save = testing_utils.save_image
 
 
 def three_bands(axis, side=16):

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -68,6 +69,17 @@ def assert_user_error(script, status, err, *phrases):
     assert err.startswith(f"{script.METHOD}.py: error: "), err
     for phrase in phrases:
         assert phrase.lower() in err.lower(), f"{phrase!r} not in {err!r}"
+
+
+def save_image(array_or_image, path, **kw):
+    """Write a (H, W, 3) uint8 array or a PIL image to `path` (parent folders made; the format
+    from the extension, or `format=` in kw). Returns the path as a string."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = (array_or_image if isinstance(array_or_image, Image.Image)
+             else Image.fromarray(array_or_image))
+    image.save(path, **kw)
+    return str(path)
 
 
 def two_colour_folder(root, size=8, count=32):
