@@ -1222,46 +1222,55 @@ def _gather(buffer, t, x):
     return buffer[t].reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
 
 
+# Copied from ddpm.schedule_buffers
+def schedule_buffers(betas):
+    """Everything the loss and the samplers need from betas_1..T, in float64: alpha_bar_t and its
+    square roots (Ho et al. Eq. 4), and the posterior q(x_{t-1} | x_t, x_0) = N(mu~, beta~ I) with
+    mu~ = coef1 x_0 + coef2 x_t (Ho et al. Eqs. 6-7)."""
+    betas = betas.double()
+    alphas = 1.0 - betas
+    alphas_cumprod = torch.cumprod(alphas, 0)                          # alpha_bar_t
+    alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+    posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+    return {
+        "betas": betas,
+        "alphas_cumprod": alphas_cumprod,
+        "alphas_cumprod_prev": alphas_cumprod_prev,
+        "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
+        "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
+        "sqrt_recip_alphas_cumprod": (1.0 / alphas_cumprod).sqrt(),
+        "sqrt_recipm1_alphas_cumprod": (1.0 / alphas_cumprod - 1).sqrt(),
+        "posterior_variance": posterior_variance,
+        # beta~_0 = 0: the log is clipped to beta~_1 (the variance at t = 0 is never used).
+        "posterior_log_variance_clipped": torch.log(torch.cat(
+            [posterior_variance[1:2], posterior_variance[1:]])) if len(betas) > 1
+        else torch.zeros(1, dtype=torch.float64),
+        "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
+        "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * alphas.sqrt()
+        / (1.0 - alphas_cumprod),
+    }
+
+
 class GaussianDiffusion(nn.Module):
     """The forward process q(x_t | x_0) and everything derived from the betas, computed once in
-    float64 and stored as float32 buffers. Indices t run over 0..T-1 (index t is the paper's step
-    t+1). A respaced process (`respace`) has its own betas over a subset of the original steps
-    and a `timestep_map` back to them, which is what the network is conditioned on."""
+    float64 (schedule_buffers) and stored as float32 buffers. Indices t run over 0..T-1 (index t
+    is the paper's step t+1). A respaced process (`respace`) has its own betas over a subset of
+    the original steps and a `timestep_map` back to them, which is what the network is
+    conditioned on."""
 
     # Copied from ddpm.GaussianDiffusion.__init__
     def __init__(self, betas, loss="mse", timestep_map=None):
         super().__init__()
-        betas = betas.double()
-        alphas = 1.0 - betas
-        alphas_cumprod = torch.cumprod(alphas, 0)                          # alpha_bar_t
-        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
-        # Posterior q(x_{t-1} | x_t, x_0) = N(mu~, beta~ I), Ho et al. Eqs. 6-7.
-        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
-        buffers = {
-            "betas": betas,
-            "alphas_cumprod": alphas_cumprod,
-            "alphas_cumprod_prev": alphas_cumprod_prev,
-            "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
-            "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
-            "sqrt_recip_alphas_cumprod": (1.0 / alphas_cumprod).sqrt(),
-            "sqrt_recipm1_alphas_cumprod": (1.0 / alphas_cumprod - 1).sqrt(),
-            "posterior_variance": posterior_variance,
-            # beta~_0 = 0: the log is clipped to beta~_1 (the variance at t = 0 is never used).
-            "posterior_log_variance_clipped": torch.log(torch.cat(
-                [posterior_variance[1:2], posterior_variance[1:]])) if len(betas) > 1
-            else torch.zeros(1, dtype=torch.float64),
-            "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
-            "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * alphas.sqrt()
-            / (1.0 - alphas_cumprod),
-        }
+        buffers = schedule_buffers(betas)
         for name, value in buffers.items():
             self.register_buffer(name, value.float(), persistent=False)
         if timestep_map is None:
             timestep_map = torch.arange(len(betas))
         self.register_buffer("timestep_map", timestep_map.long(), persistent=False)
         self.num_timesteps = len(betas)
+        self.alphas_cumprod_f64 = buffers["alphas_cumprod"]           # for exact respacing
+        self.options = dict(loss=loss)                                # what `respace` carries over
         self.loss = loss
-        self.alphas_cumprod_f64 = alphas_cumprod                      # for exact respacing
 
     # Copied from ddpm.GaussianDiffusion.q_sample
     def q_sample(self, x0, t, noise):
@@ -1335,7 +1344,7 @@ class GaussianDiffusion(nn.Module):
         alpha_bar = self.alphas_cumprod_f64[use]
         alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
         betas = 1 - alpha_bar / alpha_bar_prev
-        return GaussianDiffusion(betas, self.loss, timestep_map=use).to(self.betas.device)
+        return GaussianDiffusion(betas, timestep_map=use, **self.options).to(self.betas.device)
 
     def training_loss(self, model, x0, y=None, backward=None, no_sync=None, autocast=None):
         """L_simple (Ho et al. Eq. 14) on patches (Arakawa et al. Sec. 3): one t ~ U{0..T-1} and

@@ -1254,6 +1254,35 @@ def _gather(buffer, t, x):
     return buffer[t].reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
 
 
+# Copied from ddpm.schedule_buffers
+def schedule_buffers(betas):
+    """Everything the loss and the samplers need from betas_1..T, in float64: alpha_bar_t and its
+    square roots (Ho et al. Eq. 4), and the posterior q(x_{t-1} | x_t, x_0) = N(mu~, beta~ I) with
+    mu~ = coef1 x_0 + coef2 x_t (Ho et al. Eqs. 6-7)."""
+    betas = betas.double()
+    alphas = 1.0 - betas
+    alphas_cumprod = torch.cumprod(alphas, 0)                          # alpha_bar_t
+    alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+    posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+    return {
+        "betas": betas,
+        "alphas_cumprod": alphas_cumprod,
+        "alphas_cumprod_prev": alphas_cumprod_prev,
+        "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
+        "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
+        "sqrt_recip_alphas_cumprod": (1.0 / alphas_cumprod).sqrt(),
+        "sqrt_recipm1_alphas_cumprod": (1.0 / alphas_cumprod - 1).sqrt(),
+        "posterior_variance": posterior_variance,
+        # beta~_0 = 0: the log is clipped to beta~_1 (the variance at t = 0 is never used).
+        "posterior_log_variance_clipped": torch.log(torch.cat(
+            [posterior_variance[1:2], posterior_variance[1:]])) if len(betas) > 1
+        else torch.zeros(1, dtype=torch.float64),
+        "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
+        "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * alphas.sqrt()
+        / (1.0 - alphas_cumprod),
+    }
+
+
 class GaussianDiffusion(nn.Module):
     """The forward process and everything derived from the betas, as in ddpm.py (float64, stored
     as float32 buffers; index t is the paper's step t+1; `respace` and `timestep_map` likewise),
@@ -1263,38 +1292,18 @@ class GaussianDiffusion(nn.Module):
 
     def __init__(self, betas, target="x0", loss_weight="sqrt_snr", loss="mse", timestep_map=None):
         super().__init__()
-        betas = betas.double()
-        alphas = 1.0 - betas
-        alphas_cumprod = torch.cumprod(alphas, 0)                          # alpha_bar_t
-        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
-        # Posterior q(x_{t-1} | x_t, x_0) = N(mu~, beta~ I), Ho et al. Eqs. 6-7.
-        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
-        buffers = {
-            "betas": betas,
-            "alphas_cumprod": alphas_cumprod,
-            "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
-            "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
-            "sqrt_recip_alphas_cumprod": (1.0 / alphas_cumprod).sqrt(),
-            "sqrt_recipm1_alphas_cumprod": (1.0 / alphas_cumprod - 1).sqrt(),
-            # The signal-to-noise ratio SNR_t = alpha_bar_t / (1 - alpha_bar_t) (paper Sec. 3).
-            "snr": alphas_cumprod / (1.0 - alphas_cumprod),
-            "posterior_variance": posterior_variance,
-            # beta~_0 = 0: the log is clipped to beta~_1 (the variance at t = 0 is never used).
-            "posterior_log_variance_clipped": torch.log(torch.cat(
-                [posterior_variance[1:2], posterior_variance[1:]])) if len(betas) > 1
-            else torch.zeros(1, dtype=torch.float64),
-            "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
-            "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * alphas.sqrt()
-            / (1.0 - alphas_cumprod),
-        }
+        buffers = schedule_buffers(betas)
+        # The signal-to-noise ratio SNR_t = alpha_bar_t / (1 - alpha_bar_t) (paper Sec. 3).
+        buffers["snr"] = buffers["alphas_cumprod"] / (1.0 - buffers["alphas_cumprod"])
         for name, value in buffers.items():
             self.register_buffer(name, value.float(), persistent=False)
         if timestep_map is None:
             timestep_map = torch.arange(len(betas))
         self.register_buffer("timestep_map", timestep_map.long(), persistent=False)
         self.num_timesteps = len(betas)
+        self.alphas_cumprod_f64 = buffers["alphas_cumprod"]           # for exact respacing
+        self.options = dict(target=target, loss_weight=loss_weight, loss=loss)  # for `respace`
         self.target, self.loss_weight, self.loss = target, loss_weight, loss
-        self.alphas_cumprod_f64 = alphas_cumprod                      # for exact respacing
 
     # Copied from ddpm.GaussianDiffusion.q_sample
     def q_sample(self, x0, t, noise):
@@ -1353,17 +1362,16 @@ class GaussianDiffusion(nn.Module):
             x_prev = x_prev + sigma * (noise if noise is not None else torch.randn_like(x_t))
         return x_prev
 
+    # Copied from ddpm.GaussianDiffusion.respace
     def respace(self, steps):
-        """A process over `steps` evenly spaced original indices (Nichol & Dhariwal Sec. 4;
-        the paper samples with 250): alpha_bar is kept at the chosen steps and
-        beta_k = 1 - alpha_bar_k / alpha_bar_{k-1}. As ddpm.py's, carrying the target."""
+        """A process over `steps` evenly spaced original indices (Nichol & Dhariwal Sec. 4):
+        alpha_bar is kept at the chosen steps and beta_k = 1 - alpha_bar_k / alpha_bar_{k-1}."""
         use = torch.linspace(0, self.num_timesteps - 1, steps, dtype=torch.float64).round().long()
         use = torch.unique(use)
         alpha_bar = self.alphas_cumprod_f64[use]
         alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
         betas = 1 - alpha_bar / alpha_bar_prev
-        return GaussianDiffusion(betas, self.target, self.loss_weight, self.loss,
-                                 timestep_map=use).to(self.betas.device)
+        return GaussianDiffusion(betas, timestep_map=use, **self.options).to(self.betas.device)
 
     def weight(self, t):
         """w(t) of the loss: sqrt(SNR_t) (the paper), SNR_t, or 1. (B,) -> (B,)."""
