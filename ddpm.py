@@ -6,7 +6,8 @@ Papers
     Nichol, Dhariwal. "Improved Denoising Diffusion Probabilistic Models." ICML 2021 (cosine
         schedule, timestep respacing). https://arxiv.org/abs/2102.09672
     Dhariwal, Nichol. "Diffusion Models Beat GANs on Image Synthesis." NeurIPS 2021 (the "ADM"
-        U-Net: scale/shift time conditioning, multi-head attention). https://arxiv.org/abs/2105.05233
+        U-Net: scale/shift time conditioning, multi-head attention).
+        https://arxiv.org/abs/2105.05233
     Song, Meng, Ermon. "Denoising Diffusion Implicit Models." ICLR 2021 (DDIM sampling).
         https://arxiv.org/abs/2010.02502
     Ho, Salimans. "Classifier-Free Diffusion Guidance." 2022. https://arxiv.org/abs/2207.12598
@@ -468,7 +469,8 @@ def procedural_landscape(index, height, width, seed=0):
         ridge = horizon - 0.25 + 0.08 * layer + np.zeros_like(x)
         for octave in range(4):
             freq = (2 ** octave) * rng.uniform(1.0, 2.0)
-            ridge = ridge + 0.1 / (1.6 ** octave) * np.sin(2 * np.pi * freq * x + rng.uniform(0, 6.3))
+            phase = rng.uniform(0, 6.3)
+            ridge = ridge + 0.1 / (1.6 ** octave) * np.sin(2 * np.pi * freq * x + phase)
         texture = 0.06 * np.sin(2 * np.pi * (37 * x + 23 * y) + rng.uniform(0, 6.3)) \
             * np.sin(2 * np.pi * (29 * x - 41 * y))
         color = rock * (0.7 + 0.25 * layer) * (1 - 0.15 * (2 - layer)) + texture[..., None]
@@ -865,7 +867,8 @@ class AttentionBlock(nn.Module):
         qkv = qkv.reshape(b, 3, self.num_heads, c // self.num_heads, h * w)  # (B, 3, heads, d, N)
         q, k, v = qkv.permute(1, 0, 2, 4, 3).unbind(0)              # 3 x (B, heads, N, d)
         out = kernels.attention(q, k, v)                            # (B, heads, N, d)
-        out = out.permute(0, 1, 3, 2).reshape(b, c, h, w)           # (B, heads, d, N) -> (B, C, H, W)
+        # (B, heads, N, d) -> (B, heads, d, N) -> (B, C, H, W)
+        out = out.permute(0, 1, 3, 2).reshape(b, c, h, w)
         return x + self.proj(out)
 
 
@@ -1123,7 +1126,8 @@ class GaussianDiffusion(nn.Module):
         with a = alpha_bar and x0_hat = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t) (Eq. 4 solved for
         x_0, as in predict_x0_from_eps, with alpha_bar = 1 at index -1). eta = 0 is
         deterministic; eta = 1 is the ancestral DDPM step."""
-        a_t, a_prev = self._alpha_bar(t, x_t).to(x_t.dtype), self._alpha_bar(t_prev, x_t).to(x_t.dtype)
+        a_t = self._alpha_bar(t, x_t).to(x_t.dtype)
+        a_prev = self._alpha_bar(t_prev, x_t).to(x_t.dtype)
         x0 = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
         sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp(min=0).sqrt()
         x_prev = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps
@@ -1205,7 +1209,8 @@ def guided_eps(model, x, t, y, guidance_scale):
     if y is None or guidance_scale == 1.0:
         return model(x, t, y).float()
     null = torch.full_like(y, model.num_classes)
-    eps_c, eps_u = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).float().chunk(2)
+    both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).float()
+    eps_c, eps_u = both.chunk(2)                                    # (2B, ...) -> 2 x (B, ...)
     return eps_u + guidance_scale * (eps_c - eps_u)
 
 
@@ -1444,7 +1449,7 @@ def peak_memory_mb(device):
     if resource is None:                                            # Windows
         return float("nan")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024  # macOS: bytes; Linux: KiB
 
 
 def preview(model, diffusion, args, device, step, writer):
@@ -1537,9 +1542,9 @@ def train(args, ckpt=None, ckpt_path=None):
     raw_model = model.module if world > 1 else model
     stream = BatchStream(len(images), args.batch_size, args.seed, rank, world)
     micro_batches = args.max_steps * args.accumulation_iters      # in the whole run, per rank
-    autocast = (torch.autocast(device.type, dtype=getattr(torch, {"bf16": "bfloat16",
-                                                                  "fp16": "float16"}[args.precision]))
-                if args.precision != "fp32" else contextlib.nullcontext())
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                else contextlib.nullcontext())
 
     writer = None
     if rank == 0:
@@ -1578,8 +1583,8 @@ def train(args, ckpt=None, ckpt_path=None):
             sync = micro == args.accumulation_iters - 1 or world == 1
             loss_sum += micro_batch_step(model, diffusion, x0, y, args, scaler, autocast, sync)
         scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                   args.grad_clip if args.grad_clip > 0 else math.inf)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            model.parameters(), args.grad_clip if args.grad_clip > 0 else math.inf)
         if torch.isfinite(grad_norm):
             nonfinite = 0
             scaler.step(optimizer)
@@ -1588,8 +1593,8 @@ def train(args, ckpt=None, ckpt_path=None):
             # with fp16 the GradScaler also lowers its scale in update() below.
             nonfinite, skipped = nonfinite + 1, skipped + 1
             if nonfinite >= args.max_nonfinite_steps:
-                raise TrainingDiverged(f"{nonfinite} consecutive steps with non-finite gradients at "
-                                   f"step {step}; lower --lr, or use --precision bf16/fp32")
+                raise TrainingDiverged(f"{nonfinite} consecutive steps with non-finite gradients "
+                                       f"at step {step}; lower --lr, or use --precision bf16/fp32")
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         lr = optimizer.param_groups[0]["lr"]                        # the rate this step used
@@ -1609,10 +1614,10 @@ def train(args, ckpt=None, ckpt_path=None):
                 mean_loss = interval_loss / (step - tick_step)
                 tick, tick_step, interval_loss, paused = now, step, 0.0, 0.0
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
-                for name, value in (("loss", mean_loss), ("lr", lr), ("grad_norm", float(grad_norm)),
-                                    ("images_per_sec", ips), ("peak_memory_mb",
-                                                              peak_memory_mb(device)),
-                                    ("nonfinite_steps", skipped)):
+                scalars = {"loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm),
+                           "images_per_sec": ips, "peak_memory_mb": peak_memory_mb(device),
+                           "nonfinite_steps": skipped}
+                for name, value in scalars.items():
                     writer.add_scalar(f"train/{name}", value, step)
             pause_start = time.perf_counter()
             if step % args.sample_every == 0 or step == args.max_steps:

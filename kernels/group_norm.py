@@ -20,9 +20,10 @@ per-channel is a vector along the first axis): once for the statistics, once for
 
 Why one program per group, and not one per row with separate statistics and apply kernels: the
 second walk re-reads what the same program read a moment before. The group (at most a few hundred
-kilobytes for U-Net shapes) is still in the GPU's L2 cache (50 MB on an H100), so DRAM sees each
-tensor once: the forward moves the minimum 2T (read x, write out; T = one tensor's bytes) and the
-backward 3T (read x and dout, write dx). Kernels split at the statistics would move 3T and 5T,
+kilobytes for U-Net shapes) should then still be in the GPU's L2 cache (50 MB on an H100), so that
+DRAM sees each tensor once: the forward moves the minimum 2T (read x, write out; T = one tensor's
+bytes) and the backward 3T (read x and dout, write dx); bench/bench_kernels.py measures whether
+it does. Kernels split at the statistics would move 3T and 5T,
 because by the time the second kernel runs, the tensor has long left L2 (eager PyTorch: about
 9T + 14T). The price is parallelism: B*G programs (1024-2048 in training at batch 32-64) instead of
 B*C; at batch 1-4 (sampling) a GPU is not filled, which costs little time in absolute terms.
@@ -49,8 +50,8 @@ so the output walk is a subtraction, a multiply-add and a sigmoid per element, w
 over the tile's channels. Folding the mean into b as well (z = a * x + (b - a * mean)) would save
 the subtraction but cancel catastrophically where |mean| * rstd is large: a group of nearly equal
 values (a flat image region, one value per group) has rstd up to 1/sqrt(eps) = 316, and a * x and
-a * mean then agree in all but the last few bits. The forward saves (mean, rstd) in fp32 for the backward; the output is never
-saved.
+a * mean then agree in all but the last few bits. The forward saves (mean, rstd) in fp32 for the
+backward; the output is never saved.
 
 Backward
 --------
@@ -70,7 +71,8 @@ Two per-channel sums carry every parameter gradient (first walk, recomputing z f
 w_c = gamma_c * (1 + s_nc) so dxhat = w_c * g, and the usual normalisation backward over the M
 values of the group gives
 
-    dx = rstd * (w_c * g - A / M - xhat * B / M),    A = sum_{c in g} w_c S1,  B = sum_{c in g} w_c S2
+    dx = rstd * (w_c * g - A / M - xhat * B / M),    A = sum_{c in g} w_c S1,
+                                                      B = sum_{c in g} w_c S2
 
 The second walk recomputes g and xhat per element and applies this. It is written with xhat rather
 than expanded into c1 * g + c2 * x + c3 because c2 * x + c3 cancels catastrophically when
@@ -251,7 +253,8 @@ def _tile_launch(cpg, length):
 
 
 def _flags(weight, bias, scale, shift, silu, x):
-    """constexpr switches, and a stand-in pointer for each absent tensor (its loads are compiled out)."""
+    """constexpr switches, and a stand-in pointer for each absent tensor (its loads are compiled
+    out)."""
     flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
                  HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, SILU=silu)
     pointers = [x if t is None else t.contiguous() for t in (weight, bias, scale, shift)]

@@ -9,7 +9,6 @@ Numerics follow improved-DDPM's `GroupNorm32`: the statistics are computed in fp
 input dtype, and only the final result is cast back (STYLE.md item 11).
 """
 
-import torch
 import torch.nn.functional as F
 
 
