@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from report import emit, table  # noqa: E402  (bench/, next to this file)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SECTIONS = ("group_norm", "attention", "e2e")
@@ -139,12 +140,6 @@ def ceilings(dtype, smoke=False):
 
 
 DTYPES_BYTES = {torch.bfloat16: 2, torch.float16: 2, torch.float32: 4}
-
-
-def table(header, rows):
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def fmt(value, digits=3):
@@ -429,10 +424,7 @@ def main(argv=None):
     sections += ["## Targets", table(["target", "shape", "measured", "required", "verdict"],
                                      target_rows(group_norm, attention, e2e, copy_bw))]
     report = "\n\n".join(sections) + "\n"
-    print(report)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(report)
+    emit(report, args.out)
     return 0
 
 

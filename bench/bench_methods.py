@@ -67,6 +67,7 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from report import emit, table  # noqa: E402  (bench/, next to this file)
 
 
 class Row(NamedTuple):
@@ -375,12 +376,6 @@ def measure(row, phase, device, kernels_backend, args):
 # -------------------------------------------------------------------------------------------------
 
 
-def table(header, rows):
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def num(value):
     return "n/a" if value is None else f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
@@ -589,10 +584,7 @@ def main(argv=None):
     if errors:
         sections.append("Failed measurements:\n\n" + "\n".join(f"- {e}" for e in errors))
     report = "\n\n".join(sections) + "\n"
-    print(report)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(report)
+    emit(report, args.out)
     return 1 if errors else 0
 
 

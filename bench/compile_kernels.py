@@ -27,6 +27,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kernels import flash_attention, group_norm  # noqa: E402
+from report import emit, table  # noqa: E402  (bench/, next to this file)
 
 TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 # (channels per group, values per channel): groups of 32 at 128-512 channels, maps 8x8 to 128x128,
@@ -159,13 +160,9 @@ def main(argv=None):
              f"{args.arch}`. Registers, stack and local bytes are per thread, read with "
              f"cuobjdump from the cubin triton built; stack or local bytes are spills.", "",
              f"{len(rows)} kernel configurations, {len(spilling)} with stack or local memory.",
-             "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+             "", table(header, rows)]
     report = "\n".join(lines) + "\n"
-    print(report)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(report)
+    emit(report, args.out)
     return 1 if spilling else 0
 
 
