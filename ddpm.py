@@ -229,7 +229,7 @@ def build_parser():
         default = DEFAULTS[key]
         paper = PRESETS["paper"].get(key, default)
         shown = f"default: {default}" + (f"; paper: {paper}" if paper != default else "")
-        if paper is None:
+        if paper is None and default is not None:               # the preset leaves it open
             shown = f"default: {default}; paper: chosen per --image_size (--dry_run shows it)"
         group.add_argument(name, default=None, help=f"{help} ({shown})", **kw)
 

@@ -286,7 +286,7 @@ def build_shared_parser():
         default = DEFAULTS[key]
         paper = PRESETS["paper"].get(key, default)
         shown = f"default: {default}" + (f"; paper: {paper}" if paper != default else "")
-        if paper is None:
+        if paper is None and default is not None:               # the preset leaves it open
             shown = f"default: {default}; paper: chosen per --image_size (--dry_run shows it)"
         group.add_argument(name, default=None, help=f"{help} ({shown})", **kw)
 
@@ -398,7 +398,7 @@ def build_parser():
         key = name.lstrip("-")
         default, paper = DEFAULTS[key], PRESETS["paper"].get(key, DEFAULTS[key])
         shown = f"default: {default}" + (f"; paper: {paper}" if paper != default else "")
-        if paper is None:
+        if paper is None and default is not None:               # the preset leaves it open
             shown = f"default: {default}; paper: chosen per --image_size and --patch_size"
         group.add_argument(name, default=None, help=f"{help} ({shown})", **kw)
 

@@ -367,6 +367,13 @@ def test_help_lists_the_shared_and_the_method_flags(capsys):
                                        METHOD_FLAGS)
     assert "{1,2,4,8}" in blocks["--patch_size"]
     assert "{x0,eps}" in blocks["--target"] and "{sqrt_snr,snr,none}" in blocks["--loss_weight"]
+    squash = {flag: " ".join(text.split()) for flag, text in blocks.items()}
+    # The paper preset leaves these open (its row follows the image and patch size) ...
+    for flag in ("--adam_beta2", "--beta_end", "--base_channels", "--channel_mults"):
+        assert "paper: chosen per --image_size" in squash[flag], squash[flag]
+    # ... but not flags whose default is simply None in every preset.
+    for flag in ("--dataset_path", "--output_dir", "--resume", "--class_label"):
+        assert "paper:" not in squash[flag], squash[flag]
 
 
 def test_dry_run_prints_the_configuration_and_writes_nothing(tmp_path, capsys, monkeypatch):
