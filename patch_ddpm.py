@@ -27,7 +27,7 @@ Commands
     python patch_ddpm.py --dataset_path DIR --preset paper   # one GPU, the paper's 4x4 CelebA run
     torchrun --nproc_per_node=4 patch_ddpm.py --dataset_path DIR --preset paper   # 4 GPUs, DDP
     python patch_ddpm.py --sample --checkpoint runs/patch_ddpm/checkpoints/last.pt --num_samples 64
-    python patch_ddpm.py --sample --checkpoint CKPT --patch_batch 0   # all patches at once: faster
+    python patch_ddpm.py --sample --checkpoint CKPT --patch_batch 0   # all patches in one call
     tensorboard --logdir runs/patch_ddpm
 
 Sections (the same order in every script): imports, configuration and CLI, data, model,
