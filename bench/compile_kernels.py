@@ -95,8 +95,9 @@ def group_norm_kernels(dtype, cpg, length, target):
 
 
 def attention_kernels(dtype, n, head_dim, target):
-    """The forward, dK/dV and dQ kernels with the blocks flash_attention._launch_configs picks for
-    self-attention over n tokens; the head dimension is contiguous (stride 1), as in the U-Net."""
+    """The forward, dK/dV, dQ and Delta kernels with the blocks flash_attention._launch_configs
+    picks for self-attention over n tokens; the head dimension is contiguous (stride 1), as in the
+    U-Net."""
     t = TRITON_TYPES[dtype]
     forward_cfg, dkdv_cfg, dq_cfg = flash_attention._launch_configs(n, n, head_dim, dtype)
     precision = flash_attention._dot_precision(dtype)
@@ -136,6 +137,16 @@ def attention_kernels(dtype, n, head_dim, target):
                   f"{cfg['num_stages']} stages")
         kernels.append((label, config, compile_kernel(fn, signature, constexprs, target,
                                                       cfg["num_warps"], cfg["num_stages"])))
+    # Delta = rowsum(O * dO), on blocks of its own size and 4 warps, as _backward_op launches it.
+    delta_block = flash_attention._fit(flash_attention._DELTA_BLOCK, n)
+    signature = {"O": f"*{t}", "dO": f"*{t}", "Delta": "*fp32"}
+    stride_signature, constexprs = strides("o", "do")
+    signature.update(stride_signature)
+    signature.update(heads="i32", n_q="i32", HEAD_DIM="constexpr", BLOCK_M="constexpr")
+    constexprs.update(HEAD_DIM=head_dim, BLOCK_M=delta_block)
+    kernels.append(("attention Delta", f"block {delta_block}, 4 warps",
+                    compile_kernel(flash_attention._attn_bwd_delta_kernel, signature, constexprs,
+                                   target, num_warps=4)))
     return kernels
 
 
@@ -143,16 +154,18 @@ def main(argv=None):
     args = parse_args(argv)
     target = GPUTarget("cuda", args.arch, 32)
     header = ["kernel", "dtype", "shape", "launch", "registers", "stack B", "local B"]
-    rows = []
+    rows, names = [], set()
     for dtype in TRITON_TYPES:
         for cpg, length in GROUP_NORM_SHAPES:
             for label, config, kernel in group_norm_kernels(dtype, cpg, length, target):
                 rows.append([label, TRITON_TYPES[dtype], f"C/G {cpg}, L {length}", config,
                              *resource_usage(kernel)])
+                names.add(kernel.metadata.name)
         for n, head_dim in ATTENTION_SHAPES:
             for label, config, kernel in attention_kernels(dtype, n, head_dim, target):
                 rows.append([label, TRITON_TYPES[dtype], f"N {n}, d {head_dim}", config,
                              *resource_usage(kernel)])
+                names.add(kernel.metadata.name)
     spilling = [r for r in rows if r[5] or r[6]]
     lines = [f"# Kernels compiled for sm_{args.arch} (no GPU involved)", "",
              f"triton {triton.__version__}, torch {torch.__version__}, "
@@ -160,7 +173,7 @@ def main(argv=None):
              f"{args.arch}`. Registers, stack and local bytes are per thread, read with "
              f"cuobjdump from the cubin triton built; stack or local bytes are spills.", "",
              f"{len(rows)} kernel configurations, {len(spilling)} with stack or local memory.",
-             "", table(header, rows)]
+             f"Kernels compiled: {', '.join(sorted(names))}", "", table(header, rows)]
     report = "\n".join(lines) + "\n"
     emit(report, args.out)
     return 1 if spilling else 0

@@ -256,6 +256,11 @@ def _attn_bwd_dq_kernel(Q, K, V, dO, dQ, LSE, Delta,
 # ---------------------------------------------------------------------------------------------
 
 
+# Query rows per program of the Delta kernel: it holds O and dO for them in fp32, and at 128 rows
+# x d = 128 on 4 warps that spilled (248 bytes per thread, sm_90, bench/compile_kernels.py).
+_DELTA_BLOCK = 64
+
+
 def _fit(block, length):
     """Shrink a block to the sequence (short sequences waste no lanes), but keep tl.dot's minimum 16."""
     return max(16, min(block, triton.next_power_of_2(length)))
@@ -346,9 +351,10 @@ def _backward_op(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     grad_v = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_o.stride())
     with on_device(q):
-        _attn_bwd_delta_kernel[(triton.cdiv(n_q, forward["BLOCK_M"]), batch * heads)](
+        delta_block = _fit(_DELTA_BLOCK, n_q)
+        _attn_bwd_delta_kernel[(triton.cdiv(n_q, delta_block), batch * heads)](
             o, grad_o, delta, *o.stride(), *grad_o.stride(), heads, n_q,
-            HEAD_DIM=head_dim, BLOCK_M=forward["BLOCK_M"])
+            HEAD_DIM=head_dim, BLOCK_M=delta_block, num_warps=4)
         _attn_bwd_dkdv_kernel[(triton.cdiv(n_kv, dkdv["BLOCK_N"]), batch * heads)](
             q, k, v, grad_o, grad_k, grad_v, lse, delta, *strides, heads, n_q, n_kv, qk_scale,
             scale, HEAD_DIM=head_dim, DOT_PRECISION=precision, **dkdv)

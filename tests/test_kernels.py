@@ -15,10 +15,15 @@ import re
 import subprocess
 import sys
 
+import platform
+
 import pytest
 import torch
 
-triton = pytest.importorskip("triton")
+if sys.platform == "linux":
+    import triton   # requirements.txt installs it on Linux: a broken install must fail, not skip
+else:
+    triton = pytest.importorskip("triton")
 
 import kernels  # noqa: E402  (after the skip: kernels' Triton modules need triton)
 from kernels import flash_attention, group_norm, reference  # noqa: E402
@@ -157,7 +162,7 @@ GROUP_NORM_CASES = [
     (2, 8, (3, 5), 8, "weight", "scale", "silu", 0.0),   # groups of one channel
     (2, 6, (50,), 2, "both", "shift", None, 0.0),        # (B, C, L) input
     (1, 4, (48, 48), 2, "both", "both", "silu", 20.0),   # rows longer than one block; |mean| >> std
-    (2, 12, (40, 40), 2, "both", "both", "silu", 3.0),   # 6 of 8 tile rows used, 4 tiles, last partial
+    (2, 12, (40, 40), 2, "both", "both", "silu", 3.0),   # 6 of 8 tile rows, 7 tiles, last partial
     (1, 96, (3, 3), 1, "both", "both", "silu", 0.0),     # one group of many channels, tiny maps
     (2, 4, (1, 1), 4, "both", "both", "silu", 0.0),      # one value per group
 ]
@@ -173,7 +178,8 @@ def test_group_norm_matches_float64(case, dtype, poisoned_empty):
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
     present = [t for t in inputs if t is not None]
     grads = torch.autograd.grad(out, present, grad_out)
-    assert poisoned_empty["empty"] > 0, "the kernels no longer allocate through torch.empty"
+    # out, mean, rstd forward; dx and the two per-channel sums backward.
+    assert poisoned_empty["empty"] >= 6, "the kernels no longer allocate through torch.empty"
 
     inputs64 = [None if t is None else t.detach().double().requires_grad_() for t in inputs]
     expected = group_norm_act_f64(inputs64[0], *inputs64[1:3], groups, 1e-5, *inputs64[3:], act)
@@ -302,7 +308,9 @@ def test_kernels_compile_for_sm90_without_spills():
     memory. A spilling kernel is correct, only slow, so no interpreted test would notice it."""
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     if not os.path.exists(os.path.join(bin_dir, "cuobjdump")):
-        pytest.skip("this triton build has no CUDA tools (not Linux x86-64?)")
+        # Linux x86-64 wheels ship ptxas and cuobjdump (CI is one): only elsewhere may this skip.
+        assert not (sys.platform == "linux" and platform.machine() == "x86_64"), bin_dir
+        pytest.skip("this triton build has no CUDA tools")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     # Compiled, not interpreted: under TRITON_INTERPRET=1 @triton.jit gives no compilable kernel.
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
@@ -310,8 +318,13 @@ def test_kernels_compile_for_sm90_without_spills():
                              "--arch", "90"], cwd=root, env=env, capture_output=True, text=True,
                             timeout=900)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    assert re.search(r"\b\d{2,} kernel configurations, 0 with stack or local memory",
+    assert re.search(r"\b\d+ kernel configurations, 0 with stack or local memory",
                      result.stdout), result.stdout[-2000:]
+    # Every Triton kernel of kernels/ was compiled, a kernel added later included.
+    kernel_names = {name for module in (group_norm, flash_attention) for name in vars(module)
+                    if name.startswith("_") and name.endswith("_kernel")}
+    compiled = re.search(r"^Kernels compiled: (.*)$", result.stdout, re.M).group(1).split(", ")
+    assert set(compiled) == kernel_names
 
 
 @gpu
