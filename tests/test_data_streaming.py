@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import PIL.ImageFile
 from PIL import Image
 
 import ddpm
@@ -260,6 +261,10 @@ def test_only_the_requested_images_are_decoded(tmp_path, monkeypatch):
                         or load_image(path, h, w))
     batches = ddpm.BatchStream(len(streamed), 2, seed=0, rank=1, world=2)
     streamed.prefetch([batches.indices(1)])
+    for future in [f for futures in streamed.pending.values() for f in futures]:
+        future.result()
+    # The prefetch decoded batch 1 in the background, before anyone asked for it.
+    assert sorted(read) == sorted(streamed.paths[i] for i in batches.indices(1).tolist())
     batch = streamed[batches.indices(0)]
     assert [colour(im)[0] // 20 for im in batch] == batches.indices(0).tolist()
     assert streamed[batches.indices(1)].shape == (2, 3, 16, 16)
@@ -281,6 +286,20 @@ def peak_bytes(function):
         return result, tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
+
+
+def test_a_streamed_start_up_decodes_no_pixels(tmp_path, monkeypatch):
+    """Streamed, start-up reads headers only: no image of any kind is decoded (PIL's load) until
+    a batch asks for it."""
+    every_kind_folder(tmp_path)
+    loads = []
+    real_load = PIL.ImageFile.ImageFile.load
+    monkeypatch.setattr(PIL.ImageFile.ImageFile, "load",
+                        lambda image: loads.append(image.format) or real_load(image))
+    streamed, _, _ = load(tmp_path, streamed=True)
+    assert len(streamed) > 0 and loads == []
+    streamed[torch.arange(len(streamed))]
+    assert len(loads) >= len(streamed)                 # the check itself sees decoding
 
 
 def test_streaming_does_not_materialise_the_dataset(tmp_path):
@@ -317,9 +336,14 @@ def checkpoint(run):
     return torch.load(Path(run) / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
 
 
-def test_training_is_bitwise_identical_streamed_and_in_memory(tmp_path, capsys):
+def test_training_is_bitwise_identical_streamed_and_in_memory(tmp_path, capsys, monkeypatch):
     """3 steps of 2 micro-batches (prefetching across steps and past an epoch of 10 images), with
-    flips and dropout: the same weights, EMA and optimizer state, bitwise."""
+    flips and dropout: the same weights, EMA and optimizer state, bitwise; and while micro-batch
+    k trains, k+1 and k+2 (never past the last) are being decoded."""
+    prefetched = []
+    real_prefetch = ddpm.StreamedImageFolder.prefetch
+    monkeypatch.setattr(ddpm.StreamedImageFolder, "prefetch", lambda self, batches: real_prefetch(
+        self, [prefetched.append(tuple(b.tolist())) or b for b in batches]))
     data = ten_image_folder(tmp_path / "data")
     common = ["--dataset_path", data, *TINY, "--max_steps", "3", "--accumulation_iters", "2",
               "--dropout", "0.1", "--ema_start", "1"]
@@ -332,22 +356,17 @@ def test_training_is_bitwise_identical_streamed_and_in_memory(tmp_path, capsys):
     a, b = checkpoint(tmp_path / "memory"), checkpoint(tmp_path / "stream")
     for key in ("model", "ema", "optimizer"):
         assert state_equal(a[key], b[key]), key
+    stream = ddpm.BatchStream(10, 4, seed=0)                       # TINY: batch 4, seed 0
+    assert sorted(set(prefetched)) == sorted(tuple(stream.indices(k).tolist()) for k in range(1, 6))
 
 
 def test_resuming_a_streamed_run_is_exact(tmp_path, capsys):
     data = ten_image_folder(tmp_path / "data")
-    common = ["--dataset_path", data, *TINY, *STREAM, "--max_steps", "4", "--save_every", "2",
-              "--accumulation_iters", "2"]
-    status, _, err = run_main([*common, "--output_dir", tmp_path / "full"], capsys)
-    assert status == 0, err
-    status, out, err = run_main([*common, "--output_dir", tmp_path / "resumed", "--resume",
-                                 tmp_path / "full" / "checkpoints" / "step_2.pt"], capsys)
-    assert status == 0, err
-    assert "resumed from" in out and STREAMED.search(out)
-    a, b = checkpoint(tmp_path / "full"), checkpoint(tmp_path / "resumed")
-    assert a["step"] == b["step"] == 4
-    for key in ("model", "ema", "optimizer"):
-        assert state_equal(a[key], b[key]), key
+    argv = [str(a) for a in ["--dataset_path", data, *TINY, *STREAM, "--accumulation_iters", "2"]]
+    testing_utils.assert_resume_is_exact(ddpm, argv, tmp_path,
+                                         ("model", "ema", "optimizer", "lr_scheduler"))
+    out = capsys.readouterr().out
+    assert "resumed from" in out and len(STREAMED.findall(out)) == 2
 
 
 @pytest.mark.parametrize("script, flags", [(patch_ddpm, TINY_PATCH),
@@ -387,10 +406,12 @@ def test_unreadable_headers_are_skipped_at_start_up_with_one_warning(tmp_path, c
     assert streamed.paths == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
 
 
-def test_a_folder_of_only_unreadable_headers_exits_2(tmp_path, capsys):
+def test_a_folder_of_only_unreadable_headers_exits_2(tmp_path, capsys, monkeypatch):
     data = tmp_path / "data"
     empty(data / "a.png")
     text(data / "b.jpg")
+    # Refused from the headers alone: the in-memory path, which decodes, would fail this.
+    monkeypatch.setattr(ddpm, "load_image", lambda *a: pytest.fail("a streamed start-up decoded"))
     status, _, err = run_main(["--dataset_path", data, *TINY, *STREAM, "--max_steps", "1",
                                "--output_dir", tmp_path / "run"], capsys)
     assert_user_error(status, err, "none of the 2 image files", "could be read")

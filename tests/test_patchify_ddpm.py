@@ -364,7 +364,7 @@ METHOD_FLAGS = ["--patch_size", "--target", "--loss_weight", "--beta_end", "--ad
 
 def test_help_lists_the_shared_and_the_method_flags(capsys):
     blocks = testing_utils.help_blocks(pf, capsys, SHARED_FLAGS + SYNOPSIS_FLAGS + METHOD_FLAGS,
-                                       METHOD_FLAGS)
+                                       SHARED_FLAGS + METHOD_FLAGS)
     assert "{1,2,4,8}" in blocks["--patch_size"]
     assert "{x0,eps}" in blocks["--target"] and "{sqrt_snr,snr,none}" in blocks["--loss_weight"]
     squash = {flag: " ".join(text.split()) for flag, text in blocks.items()}
@@ -445,8 +445,8 @@ def test_bad_flags(tmp_path, capsys, flags, phrases):
                                   capsys)
         assert status == 0, err
         return
-    testing_utils.assert_refused_before_any_work(pf, [*TINY, "--dry_run", *flags], tmp_path,
-                                                 capsys, *phrases)
+    # No --dry_run: the refusal must come before training would create the run folder.
+    testing_utils.assert_refused_before_any_work(pf, [*TINY, *flags], tmp_path, capsys, *phrases)
 
 
 def test_odd_base_channels_is_refused(capsys):
