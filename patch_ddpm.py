@@ -1224,6 +1224,20 @@ def _gather(buffer, t, x):
     return buffer[t].reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
 
 
+# Copied from ddpm.per_image_noise
+def per_image_noise(shape, seeds, device):
+    """A function that draws noise of `shape` (B, ...), each image from its own generator seeded
+    by `seeds` (random seeds if None): an image's noise does not depend on the batch it is drawn
+    in (EDM, Karras et al. 2022)."""
+    generators = [torch.Generator().manual_seed(int(s)) for s in
+                  (seeds if seeds is not None else torch.randint(0, 2 ** 62, (shape[0],)))]
+
+    def noise_like():
+        return torch.stack([torch.randn(shape[1:], generator=g) for g in generators]).to(device)
+
+    return noise_like
+
+
 # Copied from ddpm.schedule_buffers
 def schedule_buffers(betas):
     """Everything the loss and the samplers need from betas_1..T, in float64: alpha_bar_t and its
@@ -1399,12 +1413,7 @@ class GaussianDiffusion(nn.Module):
         Returns x_0 in [-1, 1], and the list of intermediate x_t if `trajectory_every` > 0."""
         device = self.betas.device
         process = self if steps == self.num_timesteps else self.respace(steps)
-        generators = [torch.Generator().manual_seed(int(s)) for s in
-                      (seeds if seeds is not None else torch.randint(0, 2 ** 62, (shape[0],)))]
-
-        def noise_like():
-            return torch.stack([torch.randn(shape[1:], generator=g) for g in generators]).to(device)
-
+        noise_like = per_image_noise(shape, seeds, device)
         x = noise_like()
         trajectory = []
         indices = range(process.num_timesteps - 1, -1, -1)
