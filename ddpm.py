@@ -6,23 +6,19 @@ Papers
     Nichol, Dhariwal. "Improved Denoising Diffusion Probabilistic Models." ICML 2021 (cosine
         schedule, respacing). https://arxiv.org/abs/2102.09672
     Dhariwal, Nichol. "Diffusion Models Beat GANs on Image Synthesis." NeurIPS 2021 (the "ADM"
-        U-Net: scale/shift conditioning, multi-head attention). https://arxiv.org/abs/2105.05233
-    Song, Meng, Ermon. "Denoising Diffusion Implicit Models." ICLR 2021 (DDIM sampling).
+        U-Net). https://arxiv.org/abs/2105.05233
+    Song, Meng, Ermon. "Denoising Diffusion Implicit Models." ICLR 2021 (DDIM).
         https://arxiv.org/abs/2010.02502
     Ho, Salimans. "Classifier-Free Diffusion Guidance." 2022. https://arxiv.org/abs/2207.12598
     Salimans, Ho. "Progressive Distillation for Fast Sampling of Diffusion Models." ICLR 2022
-        (the v prediction). https://arxiv.org/abs/2202.00512
+        (v prediction). https://arxiv.org/abs/2202.00512
 
-What this file is
-    A complete DDPM in one file, in reading order: the U-Net (its group norms and attention run
-    through the fused kernels of `kernels/`), the diffusion math (schedules, q(x_t | x_0), the
-    training loss, the DDPM and DDIM steps), sampling (guidance, per-image seeds), then the
-    plumbing: a dataset cache read as a memory map, the training loop (EMA, SWA, AMP, gradient
-    accumulation, DDP, exact resume, TensorBoard) and the command line. The patch methods copy the
-    shared blocks from here under `# Copied from ddpm.X` markers, so `diff ddpm.py patch_ddpm.py`
-    shows the method.
+A complete DDPM in one file, in reading order: the U-Net (its group norms and attention run
+through the fused kernels of `kernels/`), the diffusion math, sampling, then the plumbing: a
+dataset cache read as a memory map, the training loop (EMA, SWA, AMP, accumulation, DDP, exact
+resume, TensorBoard) and the command line. The patch methods copy the shared blocks under
+`# Copied from ddpm.X` markers, so `diff ddpm.py patch_ddpm.py` shows the method.
 
-Commands
     python ddpm.py                                     # quick CPU run on the built-in dataset
     python ddpm.py --dataset_path DIR --preset paper   # one GPU, Ho et al.'s configuration
     torchrun --nproc_per_node=4 ddpm.py --dataset_path DIR --preset paper   # 4 GPUs, DDP
@@ -34,6 +30,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -70,8 +67,8 @@ class UserError(Exception):
 
 
 def timestep_embedding(t, dim, max_period=10000):
-    """Sinusoidal embedding of (possibly fractional) timesteps (Vaswani et al. Sec. 3.5), in ADM's
-    order [cos(t w_i), sin(t w_i)], w_i = max_period^(-i / (dim/2)). (B,) -> (B, dim)."""
+    """Sinusoidal embedding (Vaswani et al. Sec. 3.5) in ADM's order [cos(t w_i), sin(t w_i)],
+    w_i = max_period^(-i / (dim/2)). (B,) -> (B, dim)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
     angles = t.float()[:, None] * freqs[None]                       # (B, 1) * (1, half)
@@ -79,15 +76,14 @@ def timestep_embedding(t, dim, max_period=10000):
 
 
 def norm_groups(channels):
-    """GroupNorm(32) as in ADM where the width allows it, but never fewer than 4 channels per
-    group: at a CPU-sized width of 32, GroupNorm(32) would normalise every channel on its own and
-    erase the mean colour of flat regions. Widths 32 does not divide take the largest count that
-    does."""
+    """ADM's GroupNorm(32), but never fewer than 4 channels per group: at a CPU-sized width of 32,
+    one channel per group would erase the mean colour of flat regions. Widths 32 does not
+    divide take the largest count that does."""
     return max(g for g in range(1, 33) if channels % g == 0 and channels // g >= min(4, channels))
 
 
 class GroupNormAct(nn.GroupNorm):
-    """act(GN(x) * (1 + scale) + shift), fused by kernels.group_norm_act; statistics in fp32."""
+    """act(GN(x) (1 + scale) + shift), fused by kernels.group_norm_act; statistics in fp32."""
 
     def __init__(self, channels, act="silu"):
         super().__init__(norm_groups(channels), channels)
@@ -99,7 +95,7 @@ class GroupNormAct(nn.GroupNorm):
 
 
 def zero_module(module):
-    """Zero-initialise a layer so that its residual branch starts as the identity (ADM Sec. 3)."""
+    """Zero-initialise a layer so that its residual branch starts as the identity (ADM)."""
     for p in module.parameters():
         nn.init.zeros_(p)
     return module
@@ -129,8 +125,8 @@ class ResBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Multi-head self-attention over the H*W positions, residual, with a zero-initialised output
-    projection. softmax(q k^T / sqrt(d)) v runs through kernels.attention (flash attention)."""
+    """Multi-head self-attention over the H*W positions, residual, zero-initialised output
+    projection; softmax(q k^T / sqrt(d)) v runs through kernels.attention (flash attention)."""
 
     def __init__(self, channels, num_heads):
         super().__init__()
@@ -145,24 +141,21 @@ class AttentionBlock(nn.Module):
         qkv = qkv.reshape(b, 3, self.num_heads, c // self.num_heads, h * w)  # (B, 3, heads, d, N)
         q, k, v = qkv.permute(1, 0, 2, 4, 3).unbind(0)              # 3 x (B, heads, N, d)
         out = kernels.attention(q, k, v)                            # (B, heads, N, d)
-        out = out.permute(0, 1, 3, 2).reshape(b, c, h, w)           # -> (B, heads, d, N) -> (B, C, H, W)
+        out = out.permute(0, 1, 3, 2).reshape(b, c, h, w)           # (B, heads, d, N) -> (B, C, H, W)
         return x + self.proj(out)
 
 
 class UNet(nn.Module):
-    """The network of Ho et al. in ADM's form: out_theta(x_t, t, y, emb).
+    """The network of Ho et al. in ADM's form, out_theta(x_t, t, y, emb). Encoder: per level
+    `num_res_blocks` ResBlocks (+ attention where the feature map's shorter side is in
+    `attention_resolutions`), then a stride-2 convolution. Middle: ResBlock, attention, ResBlock.
+    Decoder: per level `num_res_blocks + 1` ResBlocks, each fed the concatenation with one stored
+    encoder activation, then nearest upsampling and a 3x3 convolution. Output: GN, SiLU and a
+    zero-initialised convolution, so the untrained network outputs 0.
 
-    Encoder: per level `num_res_blocks` ResBlocks (+ attention where the feature map's shorter
-    side is in `attention_resolutions`), then a stride-2 convolution (not after the last level).
-    Middle: ResBlock, attention, ResBlock. Decoder: per level `num_res_blocks + 1` ResBlocks, each
-    fed the concatenation with one stored encoder activation, then nearest upsampling and a 3x3
-    convolution. Output: GN, SiLU and a zero-initialised 3x3 convolution (the untrained network
-    outputs 0).
-
-    Conditioning: emb = MLP(sinusoid(t)) + class_emb(y) + `emb`, injected in every ResBlock as
-    scale/shift. `emb` (B, 4 * base_channels) is the door for a method's own conditioning (a patch
-    position, ...). With `num_classes` > 0, label `num_classes` is the learned null label of
-    classifier-free guidance (y = None uses it)."""
+    Conditioning: MLP(sinusoid(t)) + class_emb(y) + `emb`, the scale/shift of every ResBlock.
+    `emb` (B, 4 * base_channels) is the door for a method's own conditioning. Label
+    `num_classes` is the learned null label of classifier-free guidance (y = None uses it)."""
 
     def __init__(self, in_channels=3, out_channels=3, base_channels=64, channel_mults=(1, 2, 2),
                  num_res_blocks=1, attention_resolutions=(8,), num_heads=4, dropout=0.0,
@@ -181,26 +174,25 @@ class UNet(nn.Module):
         widths = [int(base_channels * m) for m in channel_mults]
         side, ch = min(image_size), base_channels
         self.input_conv = nn.Conv2d(in_channels, ch, 3, padding=1)
-        self.down, skips = nn.ModuleList(), [ch]
+        self.down, self.up, skips = nn.ModuleList(), nn.ModuleList(), [ch]
         for i, width in enumerate(widths):
             for _ in range(num_res_blocks):
                 self.down.append(level(ch, width, side))
                 ch = width
                 skips.append(ch)
             if i < len(widths) - 1:
-                self.down.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
+                self.down.append(nn.ModuleList([nn.Conv2d(ch, ch, 3, stride=2, padding=1)]))
                 skips.append(ch)
                 side //= 2
         self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim, dropout), AttentionBlock(ch, num_heads),
                                   ResBlock(ch, ch, emb_dim, dropout)])
-        self.up = nn.ModuleList()
         for i, width in reversed(list(enumerate(widths))):
             for _ in range(num_res_blocks + 1):
                 self.up.append(level(ch + skips.pop(), width, side))
                 ch = width
             if i > 0:
-                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest"),
-                                             nn.Conv2d(ch, ch, 3, padding=1)))
+                self.up.append(nn.ModuleList([nn.Upsample(scale_factor=2.0, mode="nearest"),
+                                              nn.Conv2d(ch, ch, 3, padding=1)]))
                 side *= 2
         self.out = nn.Sequential(GroupNormAct(ch),
                                  zero_module(nn.Conv2d(ch, out_channels, 3, padding=1)))
@@ -213,26 +205,24 @@ class UNet(nn.Module):
                                    if y is None else y)
         return h if emb is None else h + emb
 
+    def forward(self, x, t, y=None, emb=None):
+        emb, h = self.embed(t, y, emb), self.input_conv(x)
+        skips = [h]
+        for blocks in self.down:
+            h = self.run(blocks, h, emb)
+            skips.append(h)
+        h = self.run(self.mid, h, emb)
+        for blocks in self.up:
+            if isinstance(blocks[0], ResBlock):                     # not the upsampling
+                h = torch.cat([h, skips.pop()], dim=1)              # (B, C + C_skip, H, W)
+            h = self.run(blocks, h, emb)
+        return self.out(h)
+
     @staticmethod
     def run(blocks, h, emb):
         for block in blocks:
             h = block(h, emb) if isinstance(block, ResBlock) else block(h)
         return h
-
-    def forward(self, x, t, y=None, emb=None):
-        emb = self.embed(t, y, emb)
-        h = self.input_conv(x)
-        skips = [h]
-        for blocks in self.down:
-            h = self.run(blocks, h, emb) if isinstance(blocks, nn.ModuleList) else blocks(h)
-            skips.append(h)
-        h = self.run(self.mid, h, emb)
-        for blocks in self.up:
-            if isinstance(blocks, nn.ModuleList):
-                h = self.run(blocks, torch.cat([h, skips.pop()], dim=1), emb)  # (B, C + C_skip, ..)
-            else:
-                h = blocks(h)
-        return self.out(h)
 
 
 def unet_input_size(args):
@@ -244,7 +234,7 @@ def build_model(args):
     """The U-Net of a checked configuration (`args.num_classes` comes from the dataset)."""
     return UNet(3, 3, args.base_channels, args.channel_mults, args.num_res_blocks,
                 args.attention_resolutions, args.num_heads, args.dropout, unet_input_size(args),
-                getattr(args, "num_classes", 0))
+                args.num_classes)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -253,23 +243,19 @@ def build_model(args):
 
 
 def make_beta_schedule(kind, timesteps, beta_end=0.02):
-    """beta_1..beta_T in float64.
-
-    linear (Ho et al. Sec. 4): from 1e-4 to `beta_end` (0.02) at T = 1000, both ends scaled by
-    1000 / T for other T so the total noise stays the same (Nichol & Dhariwal's code).
-    cosine (Nichol & Dhariwal Eq. 17): alpha_bar(t) = f(t) / f(0), f(t) = cos^2((t/T + s) / (1 + s)
-    pi/2), s = 0.008, beta_t = 1 - alpha_bar(t) / alpha_bar(t-1) clipped at 0.999."""
+    """beta_1..beta_T in float64. linear (Ho et al. Sec. 4): 1e-4 to `beta_end` at T = 1000, both
+    ends scaled by 1000 / T for other T (Nichol & Dhariwal's code). cosine (Nichol & Dhariwal
+    Eq. 17): alpha_bar(t) = f(t) / f(0), f(t) = cos^2((t/T + s) / (1 + s) pi/2), s = 0.008,
+    beta_t = 1 - alpha_bar(t) / alpha_bar(t-1), clipped at 0.999."""
     if kind == "linear":
         scale = 1000 / timesteps
         if not 0 < scale * beta_end < 1:
             raise UserError(f"the linear schedule's last beta, {beta_end:g} x 1000 / --timesteps "
                             f"{timesteps} = {scale * beta_end:g}, must be in (0, 1)")
         return torch.linspace(scale * 1e-4, scale * beta_end, timesteps, dtype=torch.float64)
-    s = 0.008
     steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
-    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
-    alpha_bar = f / f[0]
-    return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
+    f = torch.cos((steps + 0.008) / 1.008 * math.pi / 2) ** 2
+    return (1 - f[1:] / f[:-1]).clamp(max=0.999)                    # f[0] cancels in the ratio
 
 
 def at(buffer, t, x):
@@ -278,26 +264,25 @@ def at(buffer, t, x):
 
 
 class GaussianDiffusion(nn.Module):
-    """The forward process q(x_t | x_0) and the reverse steps, from the betas. Everything is
-    computed once in float64 and stored as float32 buffers. Index t runs over 0..T-1 (index t is
-    the paper's step t + 1). A respaced process (`respace`) has its own betas over a subset of the
-    steps and a `timestep_map` back to them, which is what the network is conditioned on.
+    """q(x_t | x_0) and the reverse steps, computed once from the betas in float64 and stored as
+    float32 buffers. Index t runs over 0..T-1 (the paper's step t + 1). A respaced process has
+    its own betas over a subset of the steps and a `timestep_map` back to them, which is what the
+    network is conditioned on.
 
     `prediction` is what the network outputs: eps (Ho et al.), x0, or v = sqrt(alpha_bar) eps -
     sqrt(1 - alpha_bar) x0 (Salimans & Ho Sec. 4). Each is trained with the plain error on its
-    own target, which weights the x0 error by SNR (eps), 1 (x0) or SNR + 1 (v). `variance` is
-    the ancestral step's sigma_t^2: small beta~_t or large beta_t (Ho et al. Sec. 3.2)."""
+    own target, which weights the x0 error by SNR (eps), 1 (x0) or SNR + 1 (v). `variance` is the
+    ancestral step's sigma_t^2: small beta~_t or large beta_t (Ho et al. Sec. 3.2)."""
 
     def __init__(self, betas, prediction="eps", loss="mse", variance="small", timestep_map=None):
         super().__init__()
         betas = betas.double()
         alpha_bar = torch.cumprod(1 - betas, 0)
         alpha_bar_prev = torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
-        beta_tilde = betas * (1 - alpha_bar_prev) / (1 - alpha_bar)            # Eq. 7
-        sigma2 = beta_tilde if variance == "small" else betas
+        sigma2 = betas * (1 - alpha_bar_prev) / (1 - alpha_bar) if variance == "small" else betas
         buffers = {
             "betas": betas, "alpha_bar": alpha_bar, "alpha_bar_prev": alpha_bar_prev,
-            # No noise is added in the last step (index 0); improved-diffusion's "fixed large"
+            # No noise in the last step (index 0); improved-diffusion's "fixed large" variance
             # puts beta~_1 there, which is never drawn either.
             "sigma": torch.cat([sigma2.new_zeros(1), sigma2[1:]]).sqrt(),
             "coef_x0": betas * alpha_bar_prev.sqrt() / (1 - alpha_bar),           # Eq. 7
@@ -313,19 +298,16 @@ class GaussianDiffusion(nn.Module):
 
     def q_sample(self, x0, t, noise):
         """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps   (Ho et al. Eq. 4)."""
-        return at(self.alpha_bar, t, x0).sqrt() * x0 + (1 - at(self.alpha_bar, t, x0)).sqrt() * noise
+        a = at(self.alpha_bar, t, x0)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
     def target(self, x0, noise, t):
-        """What the network learns to output at (x_t, t)."""
-        if self.prediction == "eps":
-            return noise
-        if self.prediction == "x0":
-            return x0
+        """What the network learns to output at (x_t, t): eps, x0 or v."""
         a = at(self.alpha_bar, t, x0)
-        return a.sqrt() * noise - (1 - a).sqrt() * x0                # v
+        return {"eps": noise, "x0": x0}.get(self.prediction, a.sqrt() * noise - (1 - a).sqrt() * x0)
 
     def x0_and_eps(self, x_t, t, out):
-        """The network's output -> (x0_hat, eps_hat), Eq. 4 solved for the unknown one(s)."""
+        """The network's output -> (x0_hat, eps_hat), by Eq. 4 and the definition of v."""
         a = at(self.alpha_bar, t, x_t)
         if self.prediction == "eps":
             return (x_t - (1 - a).sqrt() * out) / a.sqrt(), out
@@ -339,32 +321,30 @@ class GaussianDiffusion(nn.Module):
         return fn(out, target, reduction="none")
 
     def training_losses(self, model, x0, y=None):
-        """L_simple (Ho et al. Eq. 14, Algorithm 1): t ~ U{0..T-1}, eps ~ N(0, I),
-        loss = || target - out_theta(x_t, t, y) ||^2 averaged over pixels and batch. Every index
-        is drawn, 0 included (the paper's t = 1: the last denoising step must be learned too).
+        """L_simple (Ho et al. Eq. 14, Algorithm 1): t ~ U{0..T-1}, eps ~ N(0, I), the error of
+        out_theta(x_t, t, y) on its target, averaged over pixels and batch. Index 0 (the paper's
+        t = 1) is drawn too: the last denoising step must be learned.
 
-        Returns a list of functions, each computing one term of the loss when called; the terms
-        add up to the loss. Here there is one; a method can split its loss into chunks that
-        micro_batch_step backpropagates one at a time."""
+        Returns a list of functions, each computing one term of the loss; the terms add up to
+        the loss. Here there is one; a method can split its loss into chunks, which
+        micro_batch_step then backpropagates one at a time."""
         t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
         noise = torch.randn_like(x0)
-        x_t = self.q_sample(x0, t, noise)
-        out = lambda: model(x_t, self.timestep_map[t], y).float()  # noqa: E731
-        return [lambda: self.error(out(), self.target(x0, noise, t)).mean()]
+        x_t, target = self.q_sample(x0, t, noise), self.target(x0, noise, t)
+        return [lambda: self.error(model(x_t, self.timestep_map[t], y).float(), target).mean()]
 
     def ddpm_step(self, x_t, out, t, noise):
-        """One ancestral step x_t -> x_{t-1} (Ho et al. Algorithm 2): x_{t-1} = mu~(x0_hat, x_t) +
-        sigma_t z, mu~ = coef_x0 x0_hat + coef_xt x_t (Eq. 7), x0_hat clipped to [-1, 1]."""
+        """Ancestral step x_t -> x_{t-1} (Ho et al. Algorithm 2): mu~(x0_hat, x_t) + sigma_t z,
+        mu~ = coef_x0 x0_hat + coef_xt x_t (Eq. 7), x0_hat clipped to [-1, 1]."""
         x0 = self.x0_and_eps(x_t, t, out)[0].clamp(-1, 1)
         mean = at(self.coef_x0, t, x_t) * x0 + at(self.coef_xt, t, x_t) * x_t
         return mean + at(self.sigma, t, x_t) * noise
 
     def ddim_step(self, x_t, out, t, noise, eta=0.0):
-        """DDIM (Song et al. Eq. 12) from index t to t - 1, with a = alpha_bar:
+        """DDIM (Song et al. Eq. 12) from index t to t - 1, a = alpha_bar:
             x_prev = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - s^2) eps_hat + s z,
-            s = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev)      (Eq. 16).
-        x0_hat is clipped to [-1, 1] and eps_hat recomputed from it. eta = 0 is deterministic,
-        eta = 1 the ancestral step with the small variance."""
+            s = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev)      (Eq. 16),
+        x0_hat clipped to [-1, 1] and eps_hat recomputed from it. eta = 1 is ancestral."""
         a, a_prev = at(self.alpha_bar, t, x_t), at(self.alpha_bar_prev, t, x_t)
         x0 = self.x0_and_eps(x_t, t, out)[0].clamp(-1, 1)
         eps = (x_t - a.sqrt() * x0) / (1 - a).sqrt()
@@ -373,13 +353,13 @@ class GaussianDiffusion(nn.Module):
         return x_prev + s * noise if eta > 0 else x_prev
 
     def respace(self, steps):
-        """The process over `steps` evenly spaced original indices (Nichol & Dhariwal Sec. 4):
-        alpha_bar is kept at those indices and beta_k = 1 - alpha_bar_k / alpha_bar_{k-1}."""
+        """The process over `steps` evenly spaced indices (Nichol & Dhariwal Sec. 4): alpha_bar
+        kept there, beta_k = 1 - alpha_bar_k / alpha_bar_{k-1}."""
         use = torch.linspace(0, self.num_timesteps - 1, steps, dtype=torch.float64).round().long()
-        use = torch.unique(use)
-        alpha_bar = self.alpha_bar_f64[use]
+        alpha_bar = self.alpha_bar_f64[torch.unique(use)]
         betas = 1 - alpha_bar / torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
-        return GaussianDiffusion(betas, timestep_map=use, **self.options).to(self.betas.device)
+        return GaussianDiffusion(betas, timestep_map=torch.unique(use),
+                                 **self.options).to(self.betas.device)
 
 
 def build_diffusion(args):
@@ -394,9 +374,9 @@ def build_diffusion(args):
 
 
 def guided_output(model, x, t, y, guidance_scale):
-    """Classifier-free guidance (Ho & Salimans Eq. 6): out = out(x, null) + s (out(x, y) -
-    out(x, null)), which is (1 + w) out(x, y) - w out(x, null) with s = 1 + w. It is the same for
-    eps, x0 and v, which are affine in each other. s = 1: one conditional pass."""
+    """Classifier-free guidance (Ho & Salimans Eq. 6): out_u + s (out_c - out_u), which is
+    (1 + w) out_c - w out_u with s = 1 + w; the same for eps, x0 and v (affine in each other).
+    s = 1 is one conditional pass."""
     if y is None or guidance_scale == 1.0:
         return model(x, t, y).float()
     null = torch.full_like(y, model.num_classes)
@@ -405,8 +385,8 @@ def guided_output(model, x, t, y, guidance_scale):
 
 
 def per_image_noise(shape, seeds, device):
-    """A function that draws noise of `shape` (B, ...), image i from its own generator seeded by
-    seeds[i]: an image's noise does not depend on the batch it is in (as in EDM)."""
+    """A function drawing noise of `shape` (B, ...), image i from a generator seeded by seeds[i],
+    so an image's noise does not depend on its batch (as in EDM)."""
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     return lambda: torch.stack([torch.randn(shape[1:], generator=g) for g in generators]).to(device)
 
@@ -415,13 +395,12 @@ def per_image_noise(shape, seeds, device):
 def sample(model, diffusion, shape, seeds, sampler="ddim", steps=50, eta=0.0, y=None,
            guidance_scale=1.0, trajectory=None, progress=False):
     """x_T ~ N(0, I), then `steps` DDPM or DDIM steps of the respaced process to x_0 in [-1, 1].
-    `trajectory`, a list, receives x_t (clamped, on the CPU) about 25 times along the way."""
+    `trajectory` (a list) receives x_t about 25 times along the way."""
     device = diffusion.betas.device
     process = diffusion if steps == diffusion.num_timesteps else diffusion.respace(steps)
     noise = per_image_noise(shape, seeds, device)
-    x = noise()
-    every = max(1, process.num_timesteps // 25)
-    for k in tqdm(range(process.num_timesteps - 1, -1, -1), desc="sampling", leave=False,
+    x, every = noise(), max(1, process.num_timesteps // 25)
+    for k in tqdm(range(process.num_timesteps - 1, -1, -1), "sampling", leave=False,
                   disable=not progress):
         t = torch.full((shape[0],), k, device=device, dtype=torch.long)
         out = guided_output(model, x, process.timestep_map[t], y, guidance_scale)
@@ -435,10 +414,10 @@ def sample(model, diffusion, shape, seeds, sampler="ddim", steps=50, eta=0.0, y=
 
 
 def generate(model, diffusion, args, num, steps, seed, trajectory=None, progress=False):
-    """`num` images in batches of --batch_size; image i has noise seed (seed, i) whatever the batch
-    size, and class --class_label or i mod num_classes. Returns uint8 (num, 3, H, W)."""
+    """`num` images in batches of --batch_size; image i has noise seed (seed, i) and class
+    --class_label or i mod num_classes, whatever the batch size. -> uint8 (num, 3, H, W)."""
     device, images = diffusion.betas.device, []
-    for start in tqdm(range(0, num, args.batch_size), desc="batches", disable=not progress):
+    for start in tqdm(range(0, num, args.batch_size), "batches", disable=not progress):
         index = torch.arange(start, min(start + args.batch_size, num))
         y = None
         if args.num_classes:
@@ -458,31 +437,29 @@ def sample_main(args, ckpt):
                         f"need a model trained with --class_conditional")
     if args.class_label is not None and not 0 <= args.class_label < args.num_classes:
         raise UserError(f"--class_label {args.class_label} is not in 0..{args.num_classes - 1}")
-    if args.weights == "swa" and ckpt.get("swa") is None:
+    if args.weights == "swa" and ckpt["swa"] is None:
         raise UserError(f"{args.checkpoint} has no SWA weights (train with --swa)")
     kernels.set_backend(args.kernels)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(args)
     if args.weights == "swa":
-        averaged = AveragedModel(model)
-        averaged.load_state_dict(ckpt["swa"])
-        model = averaged.module
+        model = AveragedModel(model)
+        model.load_state_dict(ckpt["swa"])
+        model = model.module
     else:
         model.load_state_dict(ckpt["ema"]["shadow"] if args.weights == "ema" else ckpt["model"])
-    model.to(device).eval()
     trajectory = [] if args.save_gif else None
-    images = generate(model, build_diffusion(args).to(device), args, args.num_samples,
-                      args.sampling_steps, args.seed, trajectory, progress=True)
+    images = generate(model.to(device).eval(), build_diffusion(args).to(device), args,
+                      args.num_samples, args.sampling_steps, args.seed, trajectory, progress=True)
     os.makedirs(args.output_dir, exist_ok=True)
     for i, image in enumerate(images):
         save_png(image.numpy().transpose(1, 2, 0), os.path.join(args.output_dir, f"{i:05d}.png"))
     save_png(make_grid(images), os.path.join(args.output_dir, "grid.png"))
     if trajectory:
         frames = [Image.fromarray(make_grid(to_uint8(x))) for x in trajectory]
-        frames += [frames[-1]] * 10                                 # hold the final image
         path = os.path.join(args.output_dir, "trajectory.gif")
-        frames[0].save(path + ".tmp.gif", save_all=True, append_images=frames[1:], duration=60,
-                       loop=0)
+        frames[0].save(path + ".tmp.gif", save_all=True, append_images=frames[1:] + frames[-1:] * 10,
+                       duration=60, loop=0)                         # hold the final image
         os.replace(path + ".tmp.gif", path)
     print(f"wrote {len(images)} samples and grid.png to {args.output_dir}")
     return 0
@@ -496,9 +473,9 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 
 
 def procedural_landscape(index, height, width, seed=0):
-    """One built-in training image, drawn in continuous coordinates so any resolution shows the
-    same scene: global structure (sky, horizon, sun, ridges) across the image, detail (rock
-    texture, ripples) at the pixel scale. Only a model that sees across patches keeps the ridges
+    """A built-in training image, drawn in continuous coordinates so any resolution shows the same
+    scene: global structure (sky, horizon, sun, ridges) across the image, detail (rock texture,
+    ripples) at the pixel scale. Only a model that sees across patches keeps the ridges
     continuous at patch borders. Label 0 is a day palette, 1 dusk. -> (uint8 (3, H, W), label)."""
     rng = np.random.default_rng([seed, index])
     label = int(rng.integers(2))
@@ -594,62 +571,65 @@ def load_image(path, height, width):
 
 
 def build_cache(base, count, height, width, decode, num_workers):
-    """Decode images 0..count-1 with a thread pool (PIL releases the GIL while it decodes) into
-    the uint8 array file `base`.npy (N, 3, H, W), through np.lib.format.open_memmap, so the
-    dataset never has to fit in memory. decode(i) -> (uint8 (3, H, W), extra) or None; images
-    that fail are dropped. `base`.json records which were kept and their `extra`s. The array is
-    written under a temporary name and renamed last: an interrupted build is never found."""
+    """Decode images 0..count-1 with a thread pool (PIL releases the GIL) into the uint8 array
+    file `base`.npy (N, 3, H, W), written through np.lib.format.open_memmap so the dataset never
+    has to fit in memory. decode(i) -> (uint8 (3, H, W), extra) or None; failed images are
+    dropped, and `base`.json lists the kept ones and their extras. The array gets its name last:
+    an interrupted build is never taken for a finished one."""
     tmp = f"{base}.{os.getpid()}.tmp.npy"
-    array = np.lib.format.open_memmap(tmp, "w+", np.uint8, (count, 3, height, width))
+    try:
+        array = np.lib.format.open_memmap(tmp, "w+", np.uint8, (count, 3, height, width))
 
-    def work(i):
-        result = decode(i)
-        if result is not None:
-            array[i] = result[0]                                    # each thread its own rows
-        return None if result is None else result[1]
+        def work(i):
+            result = decode(i)
+            if result is not None:
+                array[i] = result[0]                                # each thread its own rows
+            return None if result is None else result[1]
 
-    with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
-        extras = list(pool.map(work, range(count)))
-    kept = [i for i, e in enumerate(extras) if e is not None]
-    if len(kept) < count:                                           # drop the failed rows
-        final = np.lib.format.open_memmap(tmp + ".npy", "w+", np.uint8, (len(kept), 3, height,
-                                                                        width))
-        for j, i in enumerate(kept):
-            final[j] = array[i]
-        final.flush()
-        os.replace(tmp + ".npy", tmp)
-        del final
-    array.flush()
-    del array
-    with open(base + ".json.tmp", "w") as f:
-        json.dump({"kept": kept, "extras": [extras[i] for i in kept]}, f)
-    os.replace(base + ".json.tmp", base + ".json")
-    os.replace(tmp, base + ".npy")
+        with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
+            extras = list(pool.map(work, range(count)))
+        kept = [i for i, e in enumerate(extras) if e is not None]
+        if not kept:
+            raise UserError(f"none of the {count} image files could be read")
+        if len(kept) < count:                                       # a file of N rows
+            final = np.lib.format.open_memmap(tmp + ".npy", "w+", np.uint8, (len(kept),
+                                                                            *array.shape[1:]))
+            for j, i in enumerate(kept):
+                final[j] = array[i]
+            final.flush()
+            os.replace(tmp + ".npy", tmp)
+        array.flush()
+        with open(base + ".json.tmp", "w") as f:
+            json.dump({"kept": kept, "extras": [extras[i] for i in kept]}, f)
+        os.replace(base + ".json.tmp", base + ".json")
+        os.replace(tmp, base + ".npy")
+    finally:
+        for leftover in (tmp, tmp + ".npy"):
+            if os.path.exists(leftover):
+                os.remove(leftover)
 
 
 def load_dataset(args, rank=0, world=1, log=print):
-    """The training images as a read-only memory map uint8 (N, 3, H, W), their labels (N,) or
-    None, and the class names.
-
-    The images are decoded once into an array file in --cache_dir, named by a hash of what they
-    depend on: for a folder its files' paths, sizes and modification times, for the built-in
-    dataset its size and seed, and the training size. A later run on the same data reuses the
-    file; a changed folder gets a new one. A folder larger than memory trains from disk through
-    the page cache. Under DDP rank 0 builds the file while the others wait, then every process
-    maps the same file. Nothing is written into the dataset folder."""
+    """The training images as a read-only memory map uint8 (N, 3, H, W), labels (N,) or None,
+    and the class names. They are decoded once into an array file in --cache_dir named by a hash
+    of what they depend on (a folder's file paths, sizes and modification times, or the built-in
+    dataset's size and seed; the training size): later runs on the same data reuse it, a changed
+    folder gets a new one, and a folder larger than memory trains from disk through the page
+    cache. Under DDP rank 0 builds the file while the others wait; all map the same file."""
     h, w = args.image_size
-    if args.dataset_path is None:
+    root = args.dataset_path
+    if root is None:
         count, classes = args.procedural_size, ["day", "dusk"]
         source = ["procedural", count, args.seed]
         decode = lambda i: procedural_landscape(i, h, w, args.seed)  # noqa: E731
     else:
-        paths, labels, classes = find_images(args.dataset_path, args.class_conditional)
+        paths, labels, classes = find_images(root, args.class_conditional)
         count = len(paths)
-        source = [os.path.realpath(args.dataset_path),
-                  [[p, os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in paths]]
+        source = [os.path.realpath(root), [[os.path.relpath(p, root), os.stat(p).st_size,
+                                            os.stat(p).st_mtime_ns] for p in paths]]
         decode = lambda i: load_image(paths[i], h, w)  # noqa: E731
     key = hashlib.sha256(json.dumps([source, h, w, args.class_conditional]).encode())
-    name = os.path.basename(os.path.abspath(args.dataset_path or "procedural"))
+    name = os.path.basename(os.path.abspath(root or "procedural"))
     base = os.path.join(args.cache_dir, f"{name}-{h}x{w}-{key.hexdigest()[:16]}")
     if rank == 0 and not os.path.exists(base + ".npy"):
         os.makedirs(args.cache_dir, exist_ok=True)
@@ -659,29 +639,27 @@ def load_dataset(args, rank=0, world=1, log=print):
         dist.barrier()                                              # rank 0 has built it
     with open(base + ".json") as f:
         info = json.load(f)
-    images = np.load(base + ".npy", mmap_mode="r")
-    if args.dataset_path is None:
+    if root is None:
         labels = info["extras"]                                     # day / dusk
         log(f"dataset: {count} built-in procedural landscapes at {h}x{w}")
     else:
-        if not info["kept"]:
-            raise UserError(f"none of the {count} image files under {args.dataset_path} "
-                            f"could be read")
         bad = sorted(set(paths) - {paths[i] for i in info["kept"]})
         if bad and rank == 0:
             print(f"{METHOD}.py: warning: skipping {len(bad)} unreadable image file(s): "
                   + ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""),
                   file=sys.stderr)
         labels = labels and [labels[i] for i in info["kept"]]
-        log(f"dataset: {len(images)} images from {args.dataset_path}, {len(bad)} skipped, "
+        log(f"dataset: {len(info['kept'])} images from {root}, {len(bad)} skipped, "
             f"{sum(info['extras'])} upscaled to {h}x{w}"
-            + (f", {len(classes)} classes: {', '.join(classes)}" if args.class_conditional else ""))
-    labels = torch.tensor(labels) if args.class_conditional else None
-    return images, labels, classes if args.class_conditional else []
+            + (f", classes: {', '.join(classes)}" if labels else ""))
+    images = np.load(base + ".npy", mmap_mode="r")
+    if not args.class_conditional:
+        return images, None, []
+    return images, torch.tensor(labels), classes
 
 
 def batch_indices(k, num_images, batch_size, seed, rank=0, world=1):
-    """The images of micro-batch k of a rank: a function of (seed, k, rank) only, so a resumed run
+    """The images of a rank's micro-batch k, a function of (seed, k, rank) only: a resumed run
     continues at micro-batch step * accumulation_iters. Epoch e visits the images in the order of
     a permutation seeded by (seed, e); rank r of `world` takes every world-th position."""
     positions = (k * batch_size + torch.arange(batch_size)) * world + rank
@@ -689,40 +667,32 @@ def batch_indices(k, num_images, batch_size, seed, rank=0, world=1):
                         for p in positions])
 
 
-_orders = {}
-
-
+@functools.lru_cache(maxsize=4)                                     # a batch spans <= 2 epochs
 def epoch_order(num_images, seed, epoch):
-    if (num_images, seed, epoch) not in _orders:
-        if len(_orders) > 4:                                        # a batch spans <= 2 epochs
-            _orders.clear()
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        _orders[num_images, seed, epoch] = torch.randperm(num_images, generator=g)
-    return _orders[num_images, seed, epoch]
+    return torch.randperm(num_images, generator=torch.Generator().manual_seed(seed * 100_003
+                                                                             + epoch))
 
 
 def make_batch(images, labels, indices, args, device):
-    """uint8 (N, 3, H, W) -> x_0 in [-1, 1] on `device`, flipped at random (--hflip); labels
-    replaced by the null label with probability --label_dropout (Ho & Salimans Algorithm 1).
-    Both draw from the global torch generator, whose state the checkpoint saves."""
+    """uint8 (N, 3, H, W) -> x_0 in [-1, 1], flipped at random (--hflip), and labels replaced by
+    the null label with probability --label_dropout (Ho & Salimans Algorithm 1), drawn per image
+    from the global torch generator (whose state the checkpoint saves)."""
     x = torch.from_numpy(images[indices.numpy()]).to(device).float() / 127.5 - 1.0
     if args.hflip:
         flip = (torch.rand(x.shape[0]) < 0.5).to(device)
         x = torch.where(flip[:, None, None, None], x.flip(3), x)    # flip(3): mirror W
-    y = None
-    if labels is not None:
-        drop = torch.rand(len(indices)) < args.label_dropout
-        y = torch.where(drop, args.num_classes, labels[indices]).to(device)
-    return x, y
+    if labels is None:
+        return x, None
+    drop = torch.rand(len(indices)) < args.label_dropout
+    return x, torch.where(drop, args.num_classes, labels[indices]).to(device)
 
 
 def make_grid(images, padding=2):
     """uint8 (N, 3, H, W) -> one uint8 (H', W', 3) grid, as square as possible."""
     n, c, h, w = images.shape
     cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    grid = np.full((rows * (h + padding) + padding, cols * (w + padding) + padding, c), 255,
-                   dtype=np.uint8)
+    grid = np.full((math.ceil(n / cols) * (h + padding) + padding, cols * (w + padding) + padding,
+                    c), 255, dtype=np.uint8)
     for i, image in enumerate(images.cpu().numpy()):
         top, left = padding + i // cols * (h + padding), padding + i % cols * (w + padding)
         grid[top:top + h, left:left + w] = image.transpose(1, 2, 0)   # (3, h, w) -> (h, w, 3)
@@ -750,9 +720,9 @@ class TrainingDiverged(Exception):
 
 
 class EMA:
-    """Exponential moving average of the weights (Ho et al. Sec. 4, decay 0.9999): shadow <-
-    decay shadow + (1 - decay) weights, after `start` optimizer steps of plain copying (early
-    weights are poor). The update count is saved, so a resumed EMA continues where it was."""
+    """Exponential moving average of the weights (Ho et al. Sec. 4): shadow <- decay shadow +
+    (1 - decay) weights, after `start` steps of copying (early weights are poor). The update
+    count is saved, so a resumed EMA continues where it was."""
 
     def __init__(self, model, decay, start):
         self.decay, self.start, self.num_updates = decay, start, 0
@@ -780,19 +750,16 @@ def lr_lambda(step, warmup_steps, max_steps, schedule):
     """Linear warmup over `warmup_steps`, then cosine decay to 0 at `max_steps`, or constant."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
     progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return 0.5 * (1 + math.cos(math.pi * progress))
+    return 1.0 if schedule == "constant" else 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def rng_state():
-    """Every generator a run draws from, as tensors and lists (torch.load(weights_only=True))."""
+    """Every generator a run draws from, as tensors and lists (for weights_only loading)."""
     name, keys, *rest = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)),
-                                                      *rest],
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "python": random.getstate()}
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), *rest],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_state(state):
@@ -904,14 +871,12 @@ def build_run(args, ckpt, device, rank, world):
 
 def micro_batch_step(model, diffusion, x0, y, args, scaler, autocast, sync):
     """Forward and backward of one micro-batch, one loss term at a time (training_losses);
-    gradients accumulate in the parameters. Under DDP only the last term of a micro-batch with
-    `sync` all-reduces (DDP decides at forward time, so the forward runs in no_sync too).
-    Returns this micro-batch's share of the step's loss."""
+    gradients accumulate. Under DDP only the last term of a micro-batch with `sync` all-reduces
+    (DDP decides at forward time, so the forward runs in no_sync too). Returns the loss share."""
     terms, total = diffusion.training_losses(model, x0, y), 0.0
     for i, term in enumerate(terms):
-        last = sync and i == len(terms) - 1
-        with model.no_sync() if isinstance(model, DistributedDataParallel) and not last \
-                else contextlib.nullcontext():
+        no_sync = isinstance(model, DistributedDataParallel) and not (sync and i == len(terms) - 1)
+        with model.no_sync() if no_sync else contextlib.nullcontext():
             with autocast:
                 loss = term() / args.accumulation_iters
             scaler.scale(loss).backward()
@@ -927,7 +892,7 @@ def optimizer_step(run, args):
     if torch.isfinite(grad_norm):
         run.nonfinite = 0
         run.scaler.step(run.optimizer)
-    else:                   # all-reduced gradients: every rank skips together; fp16's scaler
+    else:              # gradients are all-reduced: every rank skips together; fp16's scaler
         run.nonfinite, run.skipped = run.nonfinite + 1, run.skipped + 1   # lowers its scale
         if run.nonfinite >= args.max_nonfinite_steps:
             raise TrainingDiverged(f"{run.nonfinite} consecutive steps with non-finite gradients "
@@ -955,8 +920,8 @@ def save_run(run, args):
 
 
 def preview(run, args, writer, progress):
-    """samples/step_<N>.png: --preview_samples images from the EMA weights on fixed seeds, with
-    --preview_steps steps, comparable from step to step."""
+    """samples/step_<N>.png: --preview_samples images of the EMA weights in --preview_steps
+    steps, on fixed seeds, so that grids are comparable from step to step."""
     grid = make_grid(generate(run.ema.shadow, run.diffusion, args, args.preview_samples,
                               args.preview_steps, args.seed, progress=progress))
     save_png(grid, os.path.join(args.output_dir, "samples", f"step_{run.step}.png"))
@@ -964,39 +929,33 @@ def preview(run, args, writer, progress):
 
 
 class Progress:
-    """Rank 0's tqdm bar and TensorBoard scalars every --log_every steps. When the output is not
-    a terminal (a log file, nohup), the bar is off and the same line is printed instead."""
+    """Rank 0's tqdm bar, and TensorBoard scalars every --log_every steps; when the output is not
+    a terminal (a log file, nohup) the bar is off and the same numbers are printed instead.
+    Images/s counts the training steps' own time: previews and saves are left out."""
 
     def __init__(self, args, step, world, writer):
-        self.args, self.writer, self.world = args, writer, world
+        self.args, self.world, self.writer = args, world, writer
         self.bar = tqdm(total=args.max_steps, initial=step, desc=METHOD, disable=None)
-        self.since, self.loss, self.tick, self.paused = step, 0.0, time.perf_counter(), 0.0
+        self.steps, self.loss, self.seconds = 0, 0.0, 0.0
 
-    def update(self, run, loss, grad_norm, lr, device):
+    def update(self, run, loss, seconds, grad_norm, lr, device):
         self.bar.update(1)
-        self.loss += loss
+        self.steps, self.loss, self.seconds = self.steps + 1, self.loss + loss, self.seconds + seconds
         if run.step % self.args.log_every and run.step != self.args.max_steps:
             return
-        now, steps = time.perf_counter(), run.step - self.since
-        ips = steps * self.args.batch_size * self.args.accumulation_iters * self.world \
-            / (now - self.tick - self.paused)                       # previews and saves excluded
-        eta = (now - self.tick - self.paused) / steps * (self.args.max_steps - run.step)
-        scalars = {"loss": self.loss / steps, "lr": lr, "grad_norm": grad_norm,
+        ips = self.steps * self.args.batch_size * self.args.accumulation_iters * self.world \
+            / self.seconds
+        scalars = {"loss": self.loss / self.steps, "lr": lr, "grad_norm": grad_norm,
                    "images_per_sec": ips, "peak_memory_mb": peak_memory_mb(device),
                    "nonfinite_steps": run.skipped}
         for name, value in scalars.items():
             self.writer.add_scalar(f"train/{name}", value, run.step)
-        self.bar.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
+        line = f"loss {scalars['loss']:.4f} lr {lr:.2e} {ips:.1f} img/s"
+        self.bar.set_postfix_str(line)
         if self.bar.disable:
-            print(f"step {run.step}/{self.args.max_steps} loss {scalars['loss']:.4f} lr {lr:.2e} "
-                  f"{ips:.1f} img/s ETA {eta / 60:.1f} min", flush=True)
-        self.since, self.loss, self.tick, self.paused = run.step, 0.0, now, 0.0
-
-    @contextlib.contextmanager
-    def pause(self):
-        start = time.perf_counter()
-        yield
-        self.paused += time.perf_counter() - start
+            eta = self.seconds / self.steps * (self.args.max_steps - run.step) / 60
+            print(f"step {run.step}/{self.args.max_steps} {line} ETA {eta:.1f} min", flush=True)
+        self.steps, self.loss, self.seconds = 0, 0.0, 0.0
 
 
 def train(args, ckpt=None):
@@ -1013,21 +972,20 @@ def train(args, ckpt=None):
             f"micro-batch: every batch repeats images", file=sys.stderr)
     run = build_run(args, ckpt, device, rank, world)
     if rank == 0:
-        os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
-        os.makedirs(os.path.join(args.output_dir, "checkpoints"), exist_ok=True)
+        for folder in ("samples", "checkpoints"):
+            os.makedirs(os.path.join(args.output_dir, folder), exist_ok=True)
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=2)
         writer = SummaryWriter(args.output_dir)
         progress = Progress(args, run.step, world, writer)
         log(f"{METHOD}: {sum(p.numel() for p in run.raw.parameters()) / 1e6:.2f}M parameters, "
-            f"{world} process(es) on {device}, "
-            f"{args.batch_size * args.accumulation_iters * world} images per step"
-            + (f", resumed at step {run.step}" if ckpt else ""))
+            f"{world} process(es) on {device}, {args.batch_size * args.accumulation_iters * world}"
+            f" images per step" + (f", resumed at step {run.step}" if ckpt else ""))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
     run.model.train()
     while run.step < args.max_steps:
-        loss = 0.0
+        loss, start = 0.0, time.perf_counter()
         for micro in range(args.accumulation_iters):
             k = run.step * args.accumulation_iters + micro          # this rank's micro-batch k
             x0, y = make_batch(images, labels, batch_indices(k, len(images), args.batch_size,
@@ -1037,17 +995,16 @@ def train(args, ckpt=None):
                                      sync)
         grad_norm, lr = optimizer_step(run, args)
         if rank == 0:
-            progress.update(run, loss, grad_norm, lr, device)
+            progress.update(run, loss, time.perf_counter() - start, grad_norm, lr, device)
             last = run.step == args.max_steps
-            with progress.pause():
-                if run.step % args.sample_every == 0 or last:
-                    preview(run, args, writer, progress=not progress.bar.disable)
-                if run.step % args.save_every == 0 or last:
-                    save_run(run, args)
+            if run.step % args.sample_every == 0 or last:
+                preview(run, args, writer, progress=not progress.bar.disable)
+            if run.step % args.save_every == 0 or last:
+                save_run(run, args)
     if rank == 0:
         progress.bar.close()
         writer.close()
-        log(f"done: {run.step} steps, checkpoints in {os.path.join(args.output_dir, 'checkpoints')}"
+        log(f"done: {run.step} steps, checkpoints in {args.output_dir}/checkpoints"
             + (f", {run.skipped} steps skipped for non-finite gradients" if run.skipped else ""))
     if world > 1:
         dist.barrier()
@@ -1065,7 +1022,7 @@ def train(args, ckpt=None):
 # 1000 ancestral steps and sigma_t^2 = beta_t. The channel multipliers depend on the resolution.
 PRESETS = {
     "quick": {},
-    "paper": dict(base_channels=128, channel_mults="auto", num_res_blocks=2,
+    "paper": dict(base_channels=128, channel_mults=None, num_res_blocks=2,
                   attention_resolutions="16", num_heads=1, dropout=0.1, schedule="linear",
                   batch_size=128, max_steps=800_000, lr=2e-4, lr_schedule="constant",
                   warmup_steps=5000, ema_decay=0.9999, ema_start=0, save_every=10_000,
@@ -1077,8 +1034,8 @@ def paper_channel_mults(height, width):
     """Ho et al.: (1,2,2,2) at 32x32, (1,1,2,2,4,4) at 256x256; improved DDPM: (1,2,3,4) at 64x64,
     (1,1,2,3,4) at 128x128. Other sizes take the nearest smaller one."""
     side = min(height, width)
-    return ("1,1,2,2,4,4" if side >= 256 else "1,1,2,3,4" if side >= 128
-            else "1,2,3,4" if side >= 64 else "1,2,2,2")
+    return ([1, 1, 2, 2, 4, 4] if side >= 256 else [1, 1, 2, 3, 4] if side >= 128
+            else [1, 2, 3, 4] if side >= 64 else [1, 2, 2, 2])
 
 
 class Parser(argparse.ArgumentParser):
@@ -1089,140 +1046,126 @@ class Parser(argparse.ArgumentParser):
 
 
 def at_least(low, kind=int):
-    def convert(text):
-        value = kind(text)
-        if not value >= low:                                        # NaN fails too
+    """An argparse type: a number of `kind` that is at least `low` (NaN is refused too)."""
+    def number(text):
+        if not kind(text) >= low:
             raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
-        return value
-    return convert
+        return kind(text)
+    return number
+
+
+def numbers(kind):
+    """An argparse type: '1,2,2' -> [1, 2, 2] (whole numbers as int)."""
+    def number_list(text):
+        values = [kind(v) for v in text.split(",") if v.strip()]
+        return [int(v) if float(v).is_integer() else v for v in values]
+    return number_list
+
+
+def image_size(text):
+    """An argparse type: 'N' or 'HxW' -> [H, W]."""
+    size = [int(v) for v in text.lower().split("x")]
+    if len(size) > 2 or min(size) < 1:
+        raise argparse.ArgumentTypeError(f"must be N or HxW with positive sides, got {text}")
+    return size * (3 - len(size))
 
 
 def fraction(text):
-    value = float(text)
-    if not 0.0 <= value < 1.0:
+    """An argparse type: a probability or decay in [0, 1)."""
+    if not 0.0 <= float(text) < 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
+    return float(text)
 
 
 def build_parser():
-    """Every flag, with its default (the quick preset) in --help; presets and a resumed run's
-    configuration are applied with set_defaults (parse_args)."""
+    """Every flag, its default (the quick preset) shown in --help. A preset, and a resumed run's
+    configuration, are applied with set_defaults by parse_args."""
     p = Parser(prog=f"{METHOD}.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                description="Train on a folder of images (or the built-in landscapes), or sample "
                "a checkpoint with --sample. Explicit flags override --preset.")
     p.set_defaults(num_classes=0)
+    groups = {}
 
-    def switch(group, name, default, help):
-        group.add_argument(f"--{name}", action="store_true", default=default, help=help)
-        group.add_argument(f"--no_{name}", dest=name, action="store_false", help=argparse.SUPPRESS)
+    def add(group, name, default=None, help="", **kw):
+        g = groups.setdefault(group, p.add_argument_group(group))
+        if isinstance(default, bool):                               # --name and --no_name
+            g.add_argument(f"--{name}", action="store_true", default=default, help=help)
+            return g.add_argument(f"--no_{name}", dest=name, action="store_false",
+                                  help=argparse.SUPPRESS)
+        g.add_argument(f"--{name}", default=default, help=help, **kw)
 
-    g = p.add_argument_group("mode")
-    g.add_argument("--preset", choices=sorted(PRESETS), default="quick",
-                   help="quick: minutes on a 2-core CPU; paper: the published configuration")
-    g.add_argument("--sample", action="store_true", help="sample --checkpoint instead of training")
-    g.add_argument("--checkpoint", help="checkpoint to sample (with --sample)")
-    g.add_argument("--dry_run", action="store_true", help="print the configuration and exit")
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset_path", help="image folder (recursive); none: built-in landscapes")
-    g.add_argument("--cache_dir", default=os.path.join("runs", "cache"),
-                   help="where the decoded dataset array is kept and reused")
-    g.add_argument("--image_size", default="32", help="training resolution, N or HxW")
-    switch(g, "class_conditional", False, "top-level subfolders are classes (built-in: day/dusk)")
-    switch(g, "hflip", True, "random horizontal flips (--no_hflip: off)")
-    g.add_argument("--procedural_size", type=at_least(1), default=4096,
-                   help="number of built-in images")
-    g.add_argument("--num_workers", type=at_least(1), default=4,
-                   help="threads that decode the images into the cache")
-    g = p.add_argument_group("model")
-    g.add_argument("--base_channels", type=at_least(1), default=32, help="width at level 0")
-    g.add_argument("--channel_mults", default="1,2,2", help="width multiplier per level")
-    g.add_argument("--num_res_blocks", type=at_least(1), default=1, help="ResBlocks per level")
-    g.add_argument("--attention_resolutions", default="8",
-                   help="feature-map sides with self-attention (the middle block always has it)")
-    g.add_argument("--num_heads", type=at_least(1), default=4, help="attention heads")
-    g.add_argument("--dropout", type=fraction, default=0.0, help="dropout in the ResBlocks")
-    g.add_argument("--label_dropout", type=fraction, default=0.1,
-                   help="probability of the null label in training (guidance)")
-    g = p.add_argument_group("diffusion")
-    g.add_argument("--schedule", choices=["linear", "cosine"], default="cosine")
-    g.add_argument("--timesteps", type=at_least(2), default=1000, help="diffusion steps T")
-    g.add_argument("--prediction", choices=["eps", "x0", "v"], default="eps",
-                   help="what the network outputs")
-    g.add_argument("--loss", choices=["mse", "l1", "huber"], default="mse",
-                   help="elementwise error on the prediction")
-    g.add_argument("--variance", choices=["small", "large"], default="small",
-                   help="ancestral sigma_t^2: beta~_t or beta_t")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--batch_size", type=at_least(1), default=32,
-                   help="images per micro-batch per process (also the sampling batch)")
-    g.add_argument("--accumulation_iters", type=at_least(1), default=1,
-                   help="micro-batches per optimizer step")
-    g.add_argument("--max_steps", type=at_least(1), default=1200, help="optimizer steps")
-    g.add_argument("--lr", type=at_least(0.0, float), default=1e-3, help="peak AdamW rate")
-    g.add_argument("--lr_schedule", choices=["cosine", "constant"], default="cosine",
-                   help="after warmup: cosine decay to 0 at --max_steps, or constant")
-    g.add_argument("--warmup_steps", type=at_least(0), default=100, help="linear LR warmup")
-    g.add_argument("--weight_decay", type=at_least(0.0, float), default=0.0)
-    g.add_argument("--grad_clip", type=at_least(0.0, float), default=1.0,
-                   help="clip the gradient norm (0: off)")
-    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
-                   help="autocast dtype; fp16 adds a GradScaler")
-    g.add_argument("--ema_decay", type=fraction, default=0.995, help="EMA decay per step")
-    g.add_argument("--ema_start", type=at_least(0), default=200,
-                   help="steps the EMA copies the weights before it averages")
-    switch(g, "swa", False, "also keep a stochastic weight average")
-    g.add_argument("--swa_start", type=at_least(0), default=800, help="step --swa starts at")
-    g.add_argument("--max_nonfinite_steps", type=at_least(1), default=25,
-                   help="stop after this many consecutive non-finite steps")
-    g = p.add_argument_group("run")
-    g.add_argument("--output_dir", help=f"default runs/{METHOD} (--sample: runs/{METHOD}/generated)")
-    g.add_argument("--save_every", type=at_least(1), default=400, help="checkpoint every N steps")
-    g.add_argument("--sample_every", type=at_least(1), default=400, help="preview every N steps")
-    g.add_argument("--preview_samples", type=at_least(1), default=16, help="images per preview")
-    g.add_argument("--preview_steps", type=at_least(1), default=25,
-                   help="--sampler steps per preview")
-    g.add_argument("--log_every", type=at_least(1), default=10, help="log every N steps")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--resume", help="'latest' (OUTPUT_DIR/checkpoints/last.pt) or a path")
-    g.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
-                   help="group norm and attention implementation")
-    g = p.add_argument_group("sampling (previews, and --sample)")
-    g.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim",
-                   help="ancestral (Ho et al. Alg. 2) or DDIM (Song et al. Eq. 12)")
-    g.add_argument("--sampling_steps", type=at_least(1), default=50, help="respaced steps")
-    g.add_argument("--eta", type=at_least(0.0, float), default=0.0,
-                   help="DDIM noise: 0 deterministic, 1 ancestral")
-    g.add_argument("--guidance_scale", type=float, default=1.0,
-                   help="s in out_u + s (out_c - out_u); 1: plain conditional")
-    g.add_argument("--class_label", type=int, help="class to sample (default: cycle)")
-    g.add_argument("--num_samples", type=at_least(1), default=16, help="images --sample writes")
-    g.add_argument("--weights", choices=["ema", "model", "swa"], default="ema",
-                   help="the weights --sample uses")
-    switch(g, "save_gif", False, "with --sample: also write trajectory.gif")
+    add("mode", "preset", "quick", "quick: minutes on a 2-core CPU; paper: the published setup",
+        choices=sorted(PRESETS))
+    add("mode", "sample", False, "sample --checkpoint instead of training")
+    add("mode", "checkpoint", help="checkpoint to sample (with --sample)")
+    add("mode", "dry_run", False, "print the resolved configuration and exit")
+    add("data", "dataset_path", help="image folder (recursive); none: built-in landscapes")
+    add("data", "cache_dir", os.path.join("runs", "cache"), "where decoded datasets are kept")
+    add("data", "image_size", "32", "training resolution, N or HxW", type=image_size)
+    add("data", "class_conditional", False, "top-level subfolders are classes (built-in: 2)")
+    add("data", "hflip", True, "random horizontal flips (--no_hflip: off)")
+    add("data", "procedural_size", 4096, "number of built-in images", type=at_least(1))
+    add("data", "num_workers", 4, "threads that decode images into the cache", type=at_least(1))
+    add("model", "base_channels", 32, "width at level 0", type=at_least(1))
+    add("model", "channel_mults", "1,2,2", "width multiplier per level (paper: per size)",
+        type=numbers(float))
+    add("model", "num_res_blocks", 1, "ResBlocks per level", type=at_least(1))
+    add("model", "attention_resolutions", "8", "feature-map sides with self-attention",
+        type=numbers(int))
+    add("model", "num_heads", 4, "attention heads", type=at_least(1))
+    add("model", "dropout", 0.0, "dropout in the ResBlocks", type=fraction)
+    add("model", "label_dropout", 0.1, "null-label probability in training", type=fraction)
+    add("diffusion", "schedule", "cosine", "noise schedule", choices=["linear", "cosine"])
+    add("diffusion", "timesteps", 1000, "diffusion steps T", type=at_least(2))
+    add("diffusion", "prediction", "eps", "network output", choices=["eps", "x0", "v"])
+    add("diffusion", "loss", "mse", "elementwise error", choices=["mse", "l1", "huber"])
+    add("diffusion", "variance", "small", "ancestral sigma_t^2: beta~_t (small) or beta_t",
+        choices=["small", "large"])
+    add("optimisation", "batch_size", 32, "images per micro-batch and process; sampling batch",
+        type=at_least(1))
+    add("optimisation", "accumulation_iters", 1, "micro-batches per step", type=at_least(1))
+    add("optimisation", "max_steps", 1200, "optimizer steps", type=at_least(1))
+    add("optimisation", "lr", 1e-3, "peak AdamW learning rate", type=at_least(0.0, float))
+    add("optimisation", "lr_schedule", "cosine", "after warmup: cosine to 0, or constant",
+        choices=["cosine", "constant"])
+    add("optimisation", "warmup_steps", 100, "linear LR warmup steps", type=at_least(0))
+    add("optimisation", "weight_decay", 0.0, "AdamW weight decay", type=at_least(0.0, float))
+    add("optimisation", "grad_clip", 1.0, "gradient norm clip (0: off)", type=at_least(0.0, float))
+    add("optimisation", "precision", "fp32", "autocast dtype; fp16 adds a GradScaler",
+        choices=["fp32", "bf16", "fp16"])
+    add("optimisation", "ema_decay", 0.995, "EMA decay per step", type=fraction)
+    add("optimisation", "ema_start", 200, "steps the EMA copies before it averages",
+        type=at_least(0))
+    add("optimisation", "swa", False, "also keep a stochastic weight average")
+    add("optimisation", "swa_start", 800, "step from which --swa averages", type=at_least(0))
+    add("optimisation", "max_nonfinite_steps", 25, "stop after this many non-finite steps in a row",
+        type=at_least(1))
+    add("run", "output_dir", help=f"default runs/{METHOD} (with --sample: runs/{METHOD}/generated)")
+    add("run", "save_every", 400, "checkpoint every N steps", type=at_least(1))
+    add("run", "sample_every", 400, "preview grid every N steps", type=at_least(1))
+    add("run", "preview_samples", 16, "images in a preview grid", type=at_least(1))
+    add("run", "preview_steps", 25, "--sampler steps of a preview", type=at_least(1))
+    add("run", "log_every", 10, "log every N steps", type=at_least(1))
+    add("run", "seed", 0, "random seed", type=int)
+    add("run", "resume", help="'latest' (OUTPUT_DIR/checkpoints/last.pt) or a checkpoint path")
+    add("run", "kernels", "auto", "group norm and attention", choices=["auto", "triton", "torch"])
+    add("sampling", "sampler", "ddim", "ancestral (Ho et al. Alg. 2) or DDIM (Song et al.)",
+        choices=["ddpm", "ddim"])
+    add("sampling", "sampling_steps", 50, "respaced steps of --sample", type=at_least(1))
+    add("sampling", "eta", 0.0, "DDIM noise: 0 deterministic, 1 ancestral",
+        type=at_least(0.0, float))
+    add("sampling", "guidance_scale", 1.0, "s in out_u + s (out_c - out_u)", type=float)
+    add("sampling", "class_label", help="class to sample (default: cycle)", type=int)
+    add("sampling", "num_samples", 16, "images --sample writes", type=at_least(1))
+    add("sampling", "weights", "ema", "weights --sample uses", choices=["ema", "model", "swa"])
+    add("sampling", "save_gif", False, "with --sample: also write trajectory.gif")
     return p
-
-
-def number_list(text, kind=float):
-    if not isinstance(text, str):
-        return list(text)
-    try:
-        values = [kind(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"expected comma-separated numbers, got {text!r}") from None
-    return [int(v) if float(v).is_integer() else v for v in values]
 
 
 def check_args(args):
     """Parse the list-valued flags and check everything that can be checked before any work."""
-    size = args.image_size
-    parts = number_list(size.lower().replace("x", ","), int) if isinstance(size, str) else size
-    if len(parts) not in (1, 2) or min(parts) < 1:
-        raise UserError(f"--image_size must be N or HxW with positive sides, got {size!r}")
-    args.image_size = parts * (3 - len(parts))
-    if args.channel_mults == "auto":
+    if args.channel_mults is None:
         args.channel_mults = paper_channel_mults(*args.image_size)
-    args.channel_mults = number_list(args.channel_mults)
-    args.attention_resolutions = number_list(args.attention_resolutions, int)
     widths = [args.base_channels * m for m in args.channel_mults]
     if not widths or any(w != int(w) or w < 4 for w in widths):
         raise UserError(f"--base_channels x --channel_mults gives {widths} channels; every level "
@@ -1233,15 +1176,14 @@ def check_args(args):
         raise UserError(f"the U-Net's {h}x{w} input is not divisible by its downsampling factor "
                         f"{factor} (2^(levels-1)); use a multiple of {factor} or fewer levels")
     sides = [min(h, w) // 2 ** i for i in range(len(widths))]
-    for c in [int(c) for c, s in zip(widths, sides) if s in args.attention_resolutions] \
-            + [int(widths[-1])]:
-        if c % args.num_heads:
-            raise UserError(f"{c} attention channels do not split into --num_heads "
-                            f"{args.num_heads}; choose a divisor of {c}")
+    for c in [c for c, s in zip(widths, sides) if s in args.attention_resolutions] + widths[-1:]:
+        if int(c) % args.num_heads:
+            raise UserError(f"{int(c)} attention channels do not split into --num_heads "
+                            f"{args.num_heads}; choose a divisor of {int(c)}")
     unused = [r for r in args.attention_resolutions if r not in sides]
     if unused and int(os.environ.get("RANK", 0)) == 0:
-        print(f"{METHOD}.py: warning: --attention_resolutions {unused} match no level (the "
-              f"U-Net's feature-map sides are {sides})", file=sys.stderr)
+        print(f"{METHOD}.py: warning: --attention_resolutions {unused} match no level of the "
+              f"U-Net (feature-map sides {sides})", file=sys.stderr)
     for key in ("sampling_steps", "preview_steps"):
         if getattr(args, key) > args.timesteps:
             raise UserError(f"--{key} {getattr(args, key)} exceeds --timesteps {args.timesteps}")
@@ -1263,10 +1205,10 @@ def mode_parser():
 
 
 def parse_args(argv=None, base=None):
-    """Command line -> checked configuration: defaults, then the preset, then `base` (a
-    checkpoint's configuration), then the flags given, each overriding the one before."""
+    """Command line -> checked configuration: the parser's defaults, then the preset, then `base`
+    (a checkpoint's configuration), then the flags given, each overriding the one before."""
     parser = build_parser()
-    preset = mode_parser().parse_known_args(argv)[0].preset or "quick"
+    preset = mode_parser().parse_known_args(argv)[0].preset
     parser.set_defaults(**PRESETS.get(preset, {}), **(base or {}))
     return check_args(parser.parse_args(argv))
 
@@ -1281,11 +1223,11 @@ NOT_INHERITED = ("dataset_path", "output_dir", "resume", "seed", "weights", "sav
 
 
 def dry_run(args):
-    """Print the configuration and parameter count; check the dataset folder."""
-    if args.dataset_path is not None:
-        args.num_classes = len(find_images(args.dataset_path, args.class_conditional)[2])
-    elif args.class_conditional:
-        args.num_classes = 2
+    """Print the configuration and the parameter count (and check the dataset folder)."""
+    if args.class_conditional:
+        args.num_classes = len(find_images(args.dataset_path, True)[2]) if args.dataset_path else 2
+    elif args.dataset_path is not None:
+        find_images(args.dataset_path, False)
     print(json.dumps(vars(args), indent=2))
     print(f"parameters: {sum(p.numel() for p in build_model(args).parameters()):,}")
     return 0
@@ -1302,18 +1244,18 @@ def main(argv=None):
                                      if k not in NOT_INHERITED})
             check_compatible(ckpt["args"], args, mode.checkpoint)
             return sample_main(args, ckpt)
-        ckpt = None
-        if mode.resume is not None:                # the run's configuration, flags given win
+        ckpt = path = None
+        if mode.resume is not None:                # the run's configuration; flags given win
             path = mode.resume
             if path == "latest":
                 path = os.path.join(mode.output_dir or os.path.join("runs", METHOD),
                                     "checkpoints", "last.pt")
                 if not os.path.isfile(path):
-                    raise UserError(f"--resume latest: no checkpoint at {path} yet; start "
-                                    f"without --resume")
+                    raise UserError(f"--resume latest: no checkpoint at {path}; start without "
+                                    f"--resume")
             ckpt = load_checkpoint(path)
-        base = ckpt and {k: v for k, v in ckpt["args"].items() if k not in ("resume", "dry_run")}
-        args = parse_args(argv, base)
+        args = parse_args(argv, ckpt and {k: v for k, v in ckpt["args"].items()
+                                          if k not in ("resume", "dry_run", "preset")})
         if ckpt is not None:
             args.resume = path
             check_compatible(ckpt["args"], args, path,
