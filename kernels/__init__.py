@@ -22,9 +22,15 @@ KERNELS_BACKEND (default "auto"):
 Whatever the backend, a call the kernels cannot serve falls back to the reference instead of
 failing: Triton not installed (e.g. macOS), CPU tensors without the interpreter, bf16 under the
 interpreter (it has no bf16), float64, empty tensors, a head dimension outside 16/32/64/128.
+
+The first time the Triton kernels would run on a device, `kernels_agree` compares each of them
+with the reference on one small input, forward and backward (a few milliseconds). On a mismatch
+or an error it warns once, and that device uses the reference for the rest of the process: a
+kernel that is wrong on some GPU or Triton release costs speed, not a silently broken run.
 """
 
 import os
+import warnings
 
 import torch
 
@@ -65,14 +71,68 @@ def get_backend():
     return _backend
 
 
+_agree = {}                                     # device -> the self-check's verdict
+
+
+def _relative_error(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def _self_check(device):
+    """The largest relative L2 error of the Triton kernels against the reference on one small
+    input of each op (outputs and every input gradient), in fp32 on `device`."""
+    g = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(device).requires_grad_()
+
+    x, weight, bias, scale, shift = randn(2, 16, 4, 4), randn(16), randn(16), randn(2, 16), \
+        randn(2, 16)
+    q, k, v = randn(1, 2, 40, 16), randn(1, 2, 40, 16), randn(1, 2, 40, 16)
+    cases = [((x, weight, bias, scale, shift), group_norm.group_norm_act,
+              reference.group_norm_act, lambda f, a: f(*a[:3], 4, 1e-5, *a[3:], "silu")),
+             ((q, k, v), flash_attention.attention, reference.attention, lambda f, a: f(*a))]
+    worst = 0.0
+    for inputs, kernel, spec, call in cases:
+        results = []
+        for fn in (kernel, spec):
+            out = call(fn, inputs)
+            grad_out = torch.ones_like(out) + torch.arange(out.numel(), device=device
+                                                          ).reshape(out.shape) % 3
+            results.append([out, *torch.autograd.grad(out, inputs, grad_out)])
+        worst = max([worst] + [_relative_error(a, b) for a, b in zip(*results)])
+    return worst
+
+
+def kernels_agree(device, tolerance=1e-2):
+    """Whether the Triton kernels agree with the reference on `device` (checked once per device
+    and process; see the module docstring). tf32 matrix products stay far inside `tolerance`; a
+    wrong kernel is far outside it."""
+    key = str(device)
+    if key not in _agree:
+        try:                         # the first call may come from inside no_grad or autocast
+            with torch.inference_mode(False), torch.enable_grad(), \
+                    torch.autocast(device.type, enabled=False):
+                error, why = _self_check(device), None
+        except Exception as failure:                                # a compile or launch error
+            error, why = float("inf"), f"{type(failure).__name__}: {failure}"
+        _agree[key] = error <= tolerance
+        if not _agree[key]:
+            warnings.warn(f"kernels: the Triton kernels disagree with the PyTorch reference on "
+                          f"{key} ({why or f'relative error {error:.2e}'}); using the reference "
+                          f"there for the rest of this run", stacklevel=2)
+    return _agree[key]
+
+
 def _use_triton(t):
     """Whether the Triton kernels can and should run on tensor t under the current backend."""
     if _backend == "torch" or triton is None or t.dtype not in _KERNEL_DTYPES or t.numel() == 0:
         return False
     if t.is_cuda:
-        return True
+        return kernels_agree(t.device)
     return (_backend == "triton" and t.device.type == "cpu" and _INTERPRET
-            and t.dtype != torch.bfloat16)
+            and t.dtype != torch.bfloat16 and kernels_agree(t.device))
 
 
 def group_norm_act(x, weight, bias, num_groups, eps=1e-5, scale=None, shift=None, act="silu"):

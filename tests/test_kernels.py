@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 
 import platform
 
@@ -92,6 +93,13 @@ def launches(monkeypatch):
     counts = collections.Counter()
     record_launches(monkeypatch, lambda name, _compiled: counts.update([name]))
     return counts
+
+
+@pytest.fixture(autouse=True, scope="module")
+def kernels_checked():
+    """The one-time self-check of kernels_agree runs here, before any test counts launches or
+    poisons allocations, and the kernels must pass it."""
+    assert kernels.kernels_agree(torch.device(DEVICE))
 
 
 @pytest.fixture
@@ -495,6 +503,30 @@ def test_triton_backend_falls_back_to_the_reference(reason, backend, launches):
     assert not attention_launched
     assert group_norm_launched == (reason == "head_dim")
     assert torch.equal(outputs[1], expected[1])
+
+
+@pytest.mark.parametrize("fault", ["wrong_result", "error"])
+def test_kernels_that_disagree_are_replaced_by_the_reference(fault, backend, launches,
+                                                             monkeypatch):
+    """kernels_agree: a kernel that is off by 1% (or fails to run) makes the device use the
+    reference from then on, with one warning."""
+    monkeypatch.setattr(kernels, "_agree", {})
+    if fault == "wrong_result":
+        real = group_norm.group_norm_act
+        monkeypatch.setattr(group_norm, "group_norm_act", lambda *a, **k: real(*a, **k) * 1.01)
+    else:
+        def broken(*args, **kwargs):
+            raise RuntimeError("no kernel image for this device")
+        monkeypatch.setattr(flash_attention, "attention", broken)
+    backend("triton")
+    with pytest.warns(UserWarning):
+        assert not kernels.kernels_agree(torch.device(DEVICE))
+    launches.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                  # warned once: no second warning
+        outputs, expected = run_both_ops()
+    assert not launches
+    assert all(torch.equal(a, b) for a, b in zip(outputs, expected))
 
 
 def test_group_norm_rejects_bad_arguments():
