@@ -141,7 +141,7 @@ class AttentionBlock(nn.Module):
         qkv = qkv.reshape(b, 3, self.num_heads, c // self.num_heads, h * w)  # (B, 3, heads, d, N)
         q, k, v = qkv.permute(1, 0, 2, 4, 3).unbind(0)              # 3 x (B, heads, N, d)
         out = kernels.attention(q, k, v)                            # (B, heads, N, d)
-        out = out.permute(0, 1, 3, 2).reshape(b, c, h, w)           # (B, heads, d, N) -> (B, C, H, W)
+        out = out.permute(0, 1, 3, 2).reshape(b, c, h, w)           # (B, heads, d, N) -> (B, C, ..)
         return x + self.proj(out)
 
 
@@ -380,7 +380,8 @@ def guided_output(model, x, t, y, guidance_scale):
     if y is None or guidance_scale == 1.0:
         return model(x, t, y).float()
     null = torch.full_like(y, model.num_classes)
-    out_c, out_u = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).float().chunk(2)
+    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).float()
+    out_c, out_u = out.chunk(2)                                     # (2B, ...) -> 2 x (B, ...)
     return out_u + guidance_scale * (out_c - out_u)
 
 
@@ -458,8 +459,9 @@ def sample_main(args, ckpt):
     if trajectory:
         frames = [Image.fromarray(make_grid(to_uint8(x))) for x in trajectory]
         path = os.path.join(args.output_dir, "trajectory.gif")
-        frames[0].save(path + ".tmp.gif", save_all=True, append_images=frames[1:] + frames[-1:] * 10,
-                       duration=60, loop=0)                         # hold the final image
+        frames += frames[-1:] * 10                                  # hold the final image
+        frames[0].save(path + ".tmp.gif", save_all=True, append_images=frames[1:], duration=60,
+                       loop=0)
         os.replace(path + ".tmp.gif", path)
     print(f"wrote {len(images)} samples and grid.png to {args.output_dir}")
     return 0
@@ -940,7 +942,8 @@ class Progress:
 
     def update(self, run, loss, seconds, grad_norm, lr, device):
         self.bar.update(1)
-        self.steps, self.loss, self.seconds = self.steps + 1, self.loss + loss, self.seconds + seconds
+        self.steps, self.loss, self.seconds = self.steps + 1, self.loss + loss, \
+            self.seconds + seconds
         if run.step % self.args.log_every and run.step != self.args.max_steps:
             return
         ips = self.steps * self.args.batch_size * self.args.accumulation_iters * self.world \
@@ -1077,6 +1080,16 @@ def fraction(text):
     return float(text)
 
 
+def add_flag(parser, groups, group, name, default=None, help="", **kw):
+    """parser.add_argument in argument group `group`; a bool default makes --name and --no_name."""
+    g = groups.setdefault(group, parser.add_argument_group(group))
+    if isinstance(default, bool):
+        g.add_argument(f"--{name}", action="store_true", default=default, help=help)
+        return g.add_argument(f"--no_{name}", dest=name, action="store_false",
+                              help=argparse.SUPPRESS)
+    return g.add_argument(f"--{name}", default=default, help=help, **kw)
+
+
 def build_parser():
     """Every flag, its default (the quick preset) shown in --help. A preset, and a resumed run's
     configuration, are applied with set_defaults by parse_args."""
@@ -1084,15 +1097,7 @@ def build_parser():
                description="Train on a folder of images (or the built-in landscapes), or sample "
                "a checkpoint with --sample. Explicit flags override --preset.")
     p.set_defaults(num_classes=0)
-    groups = {}
-
-    def add(group, name, default=None, help="", **kw):
-        g = groups.setdefault(group, p.add_argument_group(group))
-        if isinstance(default, bool):                               # --name and --no_name
-            g.add_argument(f"--{name}", action="store_true", default=default, help=help)
-            return g.add_argument(f"--no_{name}", dest=name, action="store_false",
-                                  help=argparse.SUPPRESS)
-        g.add_argument(f"--{name}", default=default, help=help, **kw)
+    add = functools.partial(add_flag, p, {})
 
     add("mode", "preset", "quick", "quick: minutes on a 2-core CPU; paper: the published setup",
         choices=sorted(PRESETS))
@@ -1209,7 +1214,7 @@ def parse_args(argv=None, base=None):
     (a checkpoint's configuration), then the flags given, each overriding the one before."""
     parser = build_parser()
     preset = mode_parser().parse_known_args(argv)[0].preset
-    parser.set_defaults(**PRESETS.get(preset, {}), **(base or {}))
+    parser.set_defaults(**{**PRESETS.get(preset, {}), **(base or {})})
     return check_args(parser.parse_args(argv))
 
 
