@@ -1,6 +1,6 @@
 """Patch-based DDPM: generate an image patch by patch so that memory scales with the patch.
 
-Paper
+Papers
     Arakawa, Tsunashima, Horita, Tanaka, Morishima. "Memory Efficient Diffusion Probabilistic
         Models via Patch-based Generation." CVPR 2023 Workshop on Generative Models for Computer
         Vision. https://arxiv.org/abs/2304.07087 (code: github.com/ShineiArakawa/patch-based-ddpm)
@@ -10,45 +10,50 @@ Paper
 What this file adds over ddpm.py
     The image is cut into an N x N grid of non-overlapping patches (--patch_divider N, Sec. 3),
     and one U-Net denoises a patch at a time. Two conditionings keep the patches of an image in
-    the right place and consistent with each other: the position of the patch, a one-hot vector
-    of length N*N fused with the time embedding (Sec. 3.1), and the global content conditioning
-    (GCC, Sec. 3.2), the whole noisy image x_t average-pooled to the patch size and concatenated
-    to the patch as three more input channels. Training noises the whole image with one t and
-    takes the loss on every patch; sampling recomputes GCC from the current x_t at every step,
-    denoises every patch, stitches them and takes the DDPM or DDIM step on the full image. The
-    released code batches all N*N patches into one forward pass, so its activations are those of a
-    full-image U-Net and the memory saving the paper claims does not happen; here --patch_batch K
-    runs K patch positions at a time (default 1) in sampling and in training (gradients
-    accumulated chunk by chunk), with the same samples and the same gradients for every K. Search
-    for "original code" for every other difference from the released code.
+    place and consistent: the patch's position, a one-hot vector of length N*N that enters the
+    time embedding (Sec. 3.1), and the global content conditioning (GCC, Sec. 3.2), the whole
+    noisy x_t average-pooled to the patch size and concatenated to the patch as three more input
+    channels. Training noises the whole image with one t and takes the loss on every patch.
+    Sampling is ddpm.py's: the network takes the full x_t, recomputes the GCC from it at every
+    step and returns the full-image eps. The released code batches all N*N patches into one
+    forward pass, so its activations are those of a full-image U-Net and the memory saving the
+    paper claims does not happen; here --patch_batch K runs K patch positions at a time (default
+    1), in sampling and in training (one loss term per chunk, each backpropagated before the next
+    runs), with the same samples and gradients for every K. Search for "original code" for the
+    other differences from the released code.
 
 Commands
     python patch_ddpm.py                                     # quick CPU run on the built-in dataset
     python patch_ddpm.py --dataset_path DIR --preset paper   # one GPU, the paper's 4x4 CelebA run
-    torchrun --nproc_per_node=4 patch_ddpm.py --dataset_path DIR --preset paper   # 4 GPUs, DDP
+    torchrun --nproc_per_node=4 patch_ddpm.py --dataset_path DIR --preset paper --batch_size 8
     python patch_ddpm.py --sample --checkpoint runs/patch_ddpm/checkpoints/last.pt --num_samples 64
     python patch_ddpm.py --sample --checkpoint CKPT --patch_batch 0   # all patches in one call
     tensorboard --logdir runs/patch_ddpm
+    (--batch_size is per process: 8 on each of 4 GPUs is the original's global batch of 32.)
 
-Sections (the same order in every script): imports, configuration and CLI, data, model,
-diffusion math, sampling, training loop, main().
+The method's own code (everything else is ddpm.py's, under `# Copied from` markers)
+    cut_patches, stitch_patches: image <-> its N x N patches, patch-major
+    PatchUNet: the U-Net on patch + GCC with the position in its embedding; full x_t -> full eps
+    unet_input_size: the H/N x W/N patch the U-Net runs on; checks that N divides the image
+    build_model: the PatchUNet of a configuration
+    PatchDiffusion.training_losses: the loss as one term per chunk of --patch_batch positions
+    build_diffusion: the PatchDiffusion of a configuration
+    PRESETS, build_parser: the original's configuration; --patch_divider and --patch_batch
+    ARCHITECTURE_KEYS: what a resumed run must agree on, --patch_divider included
 """
-
-# ------------------------------------------------------------------------------------------------
-# Imports
-# ------------------------------------------------------------------------------------------------
 
 import argparse
 import concurrent.futures
 import contextlib
 import copy
+import functools
+import hashlib
 import json
 import math
 import os
 import random
-import shutil
+import resource
 import sys
-import threading
 import time
 
 import numpy as np
@@ -64,785 +69,13 @@ from tqdm import tqdm
 
 import kernels
 
-try:
-    import resource                                                 # Unix only
-except ImportError:
-    resource = None
-
 METHOD = "patch_ddpm"
-FORMAT_VERSION = 1
-
-# ------------------------------------------------------------------------------------------------
-# Configuration and CLI
-# ------------------------------------------------------------------------------------------------
+FORMAT_VERSION = 2
 
 
 # Copied from ddpm.UserError
 class UserError(Exception):
     """A mistake in the user's input: main() prints it as one line and exits with status 2."""
-
-
-# Copied from ddpm.TrainingDiverged
-class TrainingDiverged(Exception):
-    """Training keeps producing non-finite gradients: main() prints it and exits with status 1."""
-
-
-# Every flag's default. The `quick` preset is these values; `paper` overrides some of them.
-# Copied from ddpm.DEFAULTS
-DEFAULTS = {
-    # data
-    "dataset_path": None,
-    "image_size": "32",
-    "class_conditional": False,
-    "hflip": True,
-    "procedural_size": 4096,
-    "num_workers": 4,
-    "max_memory_dataset_gb": 4.0,
-    # model
-    "base_channels": 32,
-    "channel_mults": "1,2,2",
-    "num_res_blocks": 1,
-    "attention_resolutions": "8",
-    "num_heads": 4,
-    "dropout": 0.0,
-    "label_dropout": 0.1,
-    # diffusion
-    "schedule": "cosine",
-    "timesteps": 1000,
-    "loss": "mse",
-    # optimisation
-    "batch_size": 32,
-    "accumulation_iters": 1,
-    "max_steps": 1200,
-    "lr": 1e-3,
-    "lr_schedule": "cosine",
-    "warmup_steps": 100,
-    "weight_decay": 0.0,
-    "grad_clip": 1.0,
-    "precision": "fp32",
-    "ema_decay": 0.995,
-    "ema_start": 200,
-    "swa": False,
-    "swa_start": 800,
-    "max_nonfinite_steps": 25,
-    # bookkeeping
-    "output_dir": None,
-    "save_every": 400,
-    "sample_every": 400,
-    "log_every": 10,
-    "seed": 0,
-    "resume": None,
-    "kernels": "auto",
-    # sampling
-    "sampler": "ddim",
-    "sampling_steps": 50,
-    "eta": 0.0,
-    "guidance_scale": 1.0,
-    "class_label": None,
-    "num_samples": 16,
-    "weights": "ema",
-    "save_gif": False,
-}
-# patch_ddpm.py's own flags. The quick preset is ddpm.py's with 2 x 2 patches of 16 x 16 and the
-# original code's L1 loss.
-DEFAULTS.update({
-    "patch_divider": 2,
-    "patch_batch": 1,
-    "loss": "l1",
-})
-
-# `--preset paper`: the original code's only shipped configuration,
-# configs/config_patch_divider=4.json (CelebA 128 x 128 in 4 x 4 patches of 32 x 32): U-Net width
-# 128 with multipliers 1,2,4,8, batch 32 per GPU, 100k steps, Adam lr 1e-4 without schedule,
-# warmup or gradient clipping, cosine schedule with T = 1000, L1 loss, horizontal flips, seed 1234,
-# checkpoints and samples every 2000 steps, 1000 ancestral sampling steps.
-# - EMA: the original updates an EMA of decay 0.995 every 10 steps and copies the weights before
-#   step 2000. We update every step, with the per-step decay that averages over the same horizon:
-#   0.995 ** (1 / 10) = 0.99950.
-# - Blocks: the original U-Net (an early lucidrains one) has ResNet blocks with GroupNorm(8) and a
-#   time-conditioned scale/shift after the first convolution, and linear attention at every level.
-#   Ours are ddpm.py's ADM blocks (the same for every method here, so comparisons are fair) with
-#   full attention at the three lower levels (16, 8, 4), not at 32 x 32 where the original's cheap
-#   linear attention sits; its middle block has full attention like ours.
-# - Optimizer: AdamW with weight decay 0, which is Adam.
-PRESETS = {
-    "quick": {},
-    "paper": {
-        "image_size": "128",
-        "base_channels": 128,
-        "channel_mults": "1,2,4,8",
-        "num_res_blocks": 2,
-        "attention_resolutions": "16,8,4",
-        "patch_divider": 4,
-        "max_steps": 100_000,
-        "lr": 1e-4,
-        "lr_schedule": "constant",
-        "warmup_steps": 0,
-        "grad_clip": 0.0,
-        "ema_decay": 0.995 ** 0.1,
-        "ema_start": 2000,
-        "seed": 1234,
-        "save_every": 2000,
-        "sample_every": 2000,
-        "sampler": "ddpm",
-        "sampling_steps": 1000,
-    },
-}
-
-
-# Copied from ddpm._Parser
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports errors as one line (exit status 2, no usage dump)."""
-
-    def error(self, message):
-        raise UserError(message)
-
-
-# Copied from ddpm._int_list
-def _int_list(text):
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"expected comma-separated integers, got {text!r}") from None
-
-
-# Copied from ddpm._float_list
-def _float_list(text):
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-# Copied from ddpm.parse_image_size
-def parse_image_size(text):
-    """'64' -> [64, 64]; '64x96' -> [64, 96] (height x width)."""
-    parts = str(text).lower().split("x")
-    try:
-        size = [int(p) for p in parts]
-    except ValueError:
-        raise UserError(f"--image_size must be N or HxW, got {text!r}") from None
-    if len(size) == 1:
-        size = size * 2
-    if len(size) != 2 or min(size) < 1:
-        raise UserError(f"--image_size must be N or HxW with positive sides, got {text!r}")
-    return size
-
-
-# Copied from ddpm.build_parser with build_parser->build_shared_parser
-def build_shared_parser():
-    p = _Parser(
-        prog=f"{METHOD}.py",
-        description="Train a DDPM on a folder of images (or the built-in dataset), or sample from "
-        "a checkpoint with --sample. Defaults are the 'quick' preset; '--preset paper' "
-        "values are shown where they differ. Explicit flags override the preset.",
-    )
-
-    def add(group, name, help, **kw):
-        key = name.lstrip("-")
-        default = DEFAULTS[key]
-        paper = PRESETS["paper"].get(key, default)
-        shown = f"default: {default}" + (f"; paper: {paper}" if paper != default else "")
-        if paper is None and default is not None:               # the preset leaves it open
-            shown = f"default: {default}; paper: chosen per --image_size (--dry_run shows it)"
-        group.add_argument(name, default=None, help=f"{help} ({shown})", **kw)
-
-    def flag(group, name, help):
-        key = name.lstrip("-")
-        group.add_argument(name, default=None, action="store_true",
-                           help=f"{help} (default: {'on' if DEFAULTS[key] else 'off'})")
-        group.add_argument(f"--no_{key}", dest=key, action="store_false", help=f"turn {name} off")
-
-    g = p.add_argument_group("mode")
-    g.add_argument("--preset", choices=sorted(PRESETS), default="quick",
-                   help="'quick': a useful run on a 2-core CPU in minutes; 'paper': the "
-                   "published configuration (default: quick)")
-    g.add_argument("--sample", action="store_true",
-                   help="sample from --checkpoint instead of training")
-    g.add_argument("--checkpoint", default=None, help="checkpoint to sample from (with --sample)")
-    g.add_argument("--dry_run", action="store_true",
-                   help="print the resolved configuration and parameter count, then exit")
-
-    g = p.add_argument_group("data")
-    add(g, "--dataset_path", "folder of images, searched recursively; omit to use the built-in "
-        "procedural landscapes")
-    add(g, "--image_size", "training resolution, N or HxW")
-    flag(g, "--class_conditional", "use the top-level subfolders of --dataset_path as class labels "
-         "(on the built-in dataset: day and dusk); enables classifier-free guidance")
-    flag(g, "--hflip", "random horizontal flips")
-    add(g, "--procedural_size", "number of built-in procedural images", type=int)
-    add(g, "--num_workers", "threads that decode and resize the images: all of them once at "
-        "start-up, or, for a folder streamed from disk, each micro-batch's while the one before "
-        "it trains", type=int)
-    add(g, "--max_memory_dataset_gb", "decode the folder into memory once if its decoded "
-        "size (image files x 3 x H x W bytes, in every process) is at most this many GB (1e9 "
-        "bytes); a larger folder is streamed from disk: each micro-batch is decoded when it is "
-        "needed (0: always stream)", type=float)
-
-    g = p.add_argument_group("model")
-    add(g, "--base_channels", "U-Net width at the highest resolution", type=int)
-    add(g, "--channel_mults", "width multiplier per resolution level, comma-separated")
-    add(g, "--num_res_blocks", "residual blocks per level", type=int)
-    add(g, "--attention_resolutions", "feature-map sides (shorter side) whose levels get "
-        "self-attention, comma-separated, empty for none (the middle block always has it)")
-    add(g, "--num_heads", "attention heads", type=int)
-    add(g, "--dropout", "dropout in the residual blocks", type=float)
-    add(g, "--label_dropout", "probability of replacing the class label by the null label in "
-        "training (classifier-free guidance)", type=float)
-
-    g = p.add_argument_group("diffusion")
-    add(g, "--schedule", "noise schedule", choices=["linear", "cosine"])
-    add(g, "--timesteps", "number of diffusion steps T", type=int)
-    add(g, "--loss", "elementwise training loss: squared error, absolute error or Huber "
-        "(quickgrid used huber)", choices=["mse", "l1", "huber"])
-
-    g = p.add_argument_group("optimisation")
-    add(g, "--batch_size", "images per micro-batch per process (also the sampling batch)", type=int)
-    add(g, "--accumulation_iters", "micro-batches per optimizer step", type=int)
-    add(g, "--max_steps", "optimizer steps", type=int)
-    add(g, "--lr", "peak learning rate (AdamW)", type=float)
-    add(g, "--lr_schedule", "after the linear warmup: cosine decay to 0 at --max_steps, or "
-        "constant", choices=["cosine", "constant"])
-    add(g, "--warmup_steps", "linear learning-rate warmup steps", type=int)
-    add(g, "--weight_decay", "AdamW weight decay", type=float)
-    add(g, "--grad_clip", "clip the gradient norm to this value (0: off)", type=float)
-    add(g, "--precision", "autocast dtype; fp16 adds a GradScaler",
-        choices=["fp32", "bf16", "fp16"])
-    add(g, "--ema_decay", "EMA decay per optimizer step", type=float)
-    add(g, "--ema_start", "optimizer steps before the EMA starts averaging (it copies until then)",
-        type=int)
-    flag(g, "--swa", "also keep a stochastic weight average (torch.optim.swa_utils.AveragedModel)")
-    add(g, "--swa_start", "optimizer step from which --swa averages", type=int)
-    add(g, "--max_nonfinite_steps", "stop after this many consecutive steps with non-finite "
-        "gradients", type=int)
-
-    g = p.add_argument_group("bookkeeping")
-    add(g, "--output_dir", f"run directory (training: runs/{METHOD}; sampling: "
-        f"runs/{METHOD}/generated)")
-    add(g, "--save_every", "checkpoint every N optimizer steps (and at the end)", type=int)
-    add(g, "--sample_every", "preview grid every N optimizer steps (and at the end)", type=int)
-    add(g, "--log_every", "TensorBoard scalars every N optimizer steps", type=int)
-    add(g, "--seed", "random seed", type=int)
-    add(g, "--resume", "'latest' (OUTPUT_DIR/checkpoints/last.pt) or a checkpoint path")
-    add(g, "--kernels", "group norm and attention implementation",
-        choices=["auto", "triton", "torch"])
-
-    g = p.add_argument_group("sampling (previews during training, and --sample)")
-    add(g, "--sampler", "ancestral DDPM (Ho et al. Alg. 2) or DDIM (Song et al. Eq. 12)",
-        choices=["ddpm", "ddim"])
-    add(g, "--sampling_steps", "respaced number of sampling steps (<= --timesteps)", type=int)
-    add(g, "--eta", "DDIM stochasticity: 0 deterministic, 1 ancestral", type=float)
-    add(g, "--guidance_scale", "classifier-free guidance scale s: out_u + s (out_c - out_u) on the "
-        "network's unconditional and conditional outputs, which is 1 + w in Ho & Salimans' "
-        "Eq. 6; 1 is plain conditional sampling", type=float)
-    add(g, "--class_label", "class to sample (default: cycle through the classes)", type=int)
-    add(g, "--num_samples", "images to sample (also the preview grid size)", type=int)
-    add(g, "--weights", "which weights --sample uses", choices=["ema", "model", "swa"])
-    flag(g, "--save_gif", "with --sample: also write trajectory.gif of the denoising")
-    return p
-
-
-def build_parser():
-    """ddpm.py's flags, plus the patch grid and how many patch positions run at once."""
-    p = build_shared_parser()
-
-    def shown(key):
-        default, paper = DEFAULTS[key], PRESETS["paper"].get(key, DEFAULTS[key])
-        return f"default: {default}" + (f"; paper: {paper}" if paper != default else "")
-
-    g = p.add_argument_group("patches (Arakawa et al. 2023, Sec. 3)")
-    g.add_argument("--patch_divider", type=int, choices=[1, 2, 4, 8], default=None,
-                   help="cut the image into an N x N grid of patches; --image_size must be "
-                   "divisible by N and the patch by the U-Net's downsampling factor; 1 is a plain "
-                   f"DDPM with the same network ({shown('patch_divider')})")
-    g.add_argument("--patch_batch", type=int, default=None,
-                   help="patch positions that go through the U-Net at once (each for the whole "
-                   "batch), in training and sampling; smaller saves memory, results are the same "
-                   "for every value; 0: all N*N at once, as the original code "
-                   f"({shown('patch_batch')})")
-    return p
-
-
-# Copied from ddpm.resolve_args
-def resolve_args(namespace, base=None):
-    """Fill every flag left unset: from `base` (a checkpoint's configuration), else the preset,
-    else DEFAULTS."""
-    for key, default in DEFAULTS.items():
-        if getattr(namespace, key) is not None:
-            continue
-        if base is not None and key in base:
-            value = base[key]
-        else:
-            value = PRESETS[namespace.preset].get(key, default)
-        setattr(namespace, key, value)
-    return namespace
-
-
-# Copied from ddpm.parse_unet_flags
-def parse_unet_flags(args):
-    """--channel_mults and --attention_resolutions from text to lists; every level's width must be
-    a whole number of channels that group norm can split."""
-    for key, convert in (("channel_mults", _float_list), ("attention_resolutions", _int_list)):
-        value = getattr(args, key)
-        if isinstance(value, str):
-            setattr(args, key, convert(value))
-    args.channel_mults = [int(m) if float(m).is_integer() else m for m in args.channel_mults]
-    if not args.channel_mults:
-        raise UserError("--channel_mults needs at least one level, e.g. 1,2,2")
-    for m in args.channel_mults:
-        width = args.base_channels * m
-        if width != int(width) or width < 4:
-            raise UserError(f"--base_channels {args.base_channels} x channel multiplier {m} = "
-                            f"{width} channels; every level needs a whole number of at least 4")
-
-
-# Copied from ddpm.check_attention
-def check_attention(args, height, width, described="feature-map sides"):
-    """For a U-Net whose input is height x width: the attended levels' channels must split into
-    --num_heads heads, and an --attention_resolutions entry that names no level is worth a warning
-    (`described` says what the sides are of, in that warning)."""
-    sides = [min(height, width) // 2 ** level for level in range(len(args.channel_mults))]
-    widths = [int(args.base_channels * m) for m in args.channel_mults]
-    attended = [c for c, side in zip(widths, sides) if side in args.attention_resolutions]
-    for channels in attended + widths[-1:]:                         # the middle block attends too
-        if channels % args.num_heads:
-            raise UserError(f"{channels} attention channels do not split into --num_heads "
-                            f"{args.num_heads} heads; choose a divisor of {channels}")
-    unused = [r for r in args.attention_resolutions if r not in sides]
-    if unused and int(os.environ.get("RANK", 0)) == 0:
-        print(f"{METHOD}.py: warning: --attention_resolutions {','.join(map(str, unused))} "
-              f"matches no level ({described} {','.join(map(str, sides))}); only the middle "
-              f"block and the matching levels attend", file=sys.stderr)
-
-
-# Copied from ddpm.check_run_flags
-def check_run_flags(args):
-    """The counts, probabilities and paths every run needs, checked before any work starts."""
-    positive = ["batch_size", "accumulation_iters", "max_steps", "timesteps", "sampling_steps",
-                "num_samples", "save_every", "sample_every", "log_every", "num_heads",
-                "num_res_blocks", "num_workers", "procedural_size", "max_nonfinite_steps"]
-    for key in positive:
-        if getattr(args, key) < 1:
-            raise UserError(f"--{key} must be at least 1, got {getattr(args, key)}")
-    if args.sampling_steps > args.timesteps:
-        raise UserError(f"--sampling_steps {args.sampling_steps} exceeds --timesteps "
-                        f"{args.timesteps}")
-    for key in ("dropout", "label_dropout", "ema_decay"):
-        if not 0.0 <= getattr(args, key) < 1.0:
-            raise UserError(f"--{key} must be in [0, 1), got {getattr(args, key)}")
-    if not args.max_memory_dataset_gb >= 0:                         # NaN fails this too
-        raise UserError(f"--max_memory_dataset_gb must be 0 (always stream) or more, got "
-                        f"{args.max_memory_dataset_gb}")
-    if args.dataset_path is not None and not os.path.isdir(args.dataset_path):
-        raise UserError(f"--dataset_path {args.dataset_path} is not a folder")
-    if args.output_dir is None:
-        args.output_dir = os.path.join("runs", METHOD, "generated" if args.sample else "")
-        args.output_dir = args.output_dir.rstrip(os.sep)
-
-
-def finalize_args(args):
-    """Parse the list-valued flags and check what can be checked before any work starts.
-    ddpm.py's checks, with the U-Net's input being the patch (H/N x W/N), not the image: the
-    downsampling factor must divide the patch sides, and --attention_resolutions name feature-map
-    sides of the patch."""
-    args.image_size = parse_image_size(args.image_size if not isinstance(args.image_size, list)
-                                       else "x".join(map(str, args.image_size)))
-    parse_unet_flags(args)
-    n = args.patch_divider
-    h, w = args.image_size
-    if h % n or w % n:
-        raise UserError(f"--image_size {h}x{w} is not divisible by --patch_divider {n}; use a "
-                        f"multiple of {n} or another --patch_divider")
-    factor = 2 ** (len(args.channel_mults) - 1)
-    ph, pw = h // n, w // n
-    if ph % factor or pw % factor:
-        raise UserError(f"the {ph}x{pw} patches of --image_size {h}x{w} / --patch_divider {n} are "
-                        f"not divisible by the U-Net's downsampling factor {factor} (2^(levels-1) "
-                        f"for --channel_mults {','.join(map(str, args.channel_mults))}); use an "
-                        f"--image_size that is a multiple of {n * factor}, a smaller "
-                        f"--patch_divider or fewer --channel_mults levels")
-    check_attention(args, ph, pw, f"feature-map sides of the {ph}x{pw} patch:")
-    if args.patch_batch < 0:
-        raise UserError(f"--patch_batch must be 0 (all {n * n} patch positions at once) or a "
-                        f"positive number of positions, got {args.patch_batch}")
-    check_run_flags(args)
-    if args.schedule == "linear" and 0.02 * 1000 / args.timesteps >= 1:
-        raise UserError(f"--schedule linear with --timesteps {args.timesteps}: the betas end at "
-                        f"0.02 x 1000 / T = {20 / args.timesteps:g}, which must stay below 1; use "
-                        f"--timesteps 21 or more, or --schedule cosine")
-    return args
-
-
-def parse_args(argv=None):
-    """Command line -> resolved namespace (preset applied, lists parsed, sizes checked)."""
-    return finalize_args(resolve_args(build_parser().parse_args(argv)))
-
-
-# ------------------------------------------------------------------------------------------------
-# Data
-# ------------------------------------------------------------------------------------------------
-
-# Copied from ddpm.IMAGE_EXTENSIONS
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
-
-# Copied from ddpm.procedural_landscape
-def procedural_landscape(index, height, width, seed=0):
-    """One built-in training image: a landscape drawn in continuous coordinates, so any resolution
-    shows the same scene. Global structure (sky gradient, horizon, sun, mountain ridges) spans the
-    whole image; local detail (rock texture, ripples) lives at the pixel scale. The patch methods
-    need both: only a model that sees across patches keeps ridges continuous at patch borders.
-
-    The label, drawn at random, is 0 for a day palette and 1 for a dusk palette (the classes of a
-    class-conditional run). Returns (uint8 array (3, H, W), label)."""
-    rng = np.random.default_rng([seed, index])
-    label = int(rng.integers(2))
-    y = (np.arange(height)[:, None] + 0.5) / height                # (H, 1), 0 at the top
-    x = (np.arange(width)[None, :] + 0.5) / width                  # (1, W)
-    if label == 0:
-        sky_top, sky_low = np.array([0.20, 0.45, 0.85]), np.array([0.70, 0.85, 0.98])
-        sun_color, rock = np.array([1.0, 0.97, 0.80]), np.array([0.30, 0.38, 0.30])
-    else:
-        sky_top, sky_low = np.array([0.18, 0.12, 0.35]), np.array([0.98, 0.55, 0.25])
-        sun_color, rock = np.array([1.0, 0.75, 0.35]), np.array([0.22, 0.15, 0.22])
-    horizon = rng.uniform(0.55, 0.75)
-    t = np.clip(y / horizon, 0, 1)[..., None]                       # (H, 1, 1)
-    image = sky_top * (1 - t) + sky_low * t + 0 * x[..., None]      # (H, W, 3)
-
-    # The sun: a disc with a soft glow, somewhere in the sky.
-    sx, sy, sr = rng.uniform(0.15, 0.85), rng.uniform(0.12, horizon - 0.15), rng.uniform(0.05, 0.1)
-    aspect = width / height
-    d = np.sqrt(((x - sx) * aspect) ** 2 + (y - sy) ** 2)[..., None]
-    image = image + 0.5 * np.exp(-((d / (2.5 * sr)) ** 2)) * (sun_color - image)
-    image = np.where(d < sr, sun_color, image)
-
-    # Mountain ridges: sums of sines with random phases; nearer ridges are lower and darker.
-    for layer in range(3):
-        ridge = horizon - 0.25 + 0.08 * layer + np.zeros_like(x)
-        for octave in range(4):
-            freq = (2 ** octave) * rng.uniform(1.0, 2.0)
-            phase = rng.uniform(0, 6.3)
-            ridge = ridge + 0.1 / (1.6 ** octave) * np.sin(2 * np.pi * freq * x + phase)
-        texture = 0.06 * np.sin(2 * np.pi * (37 * x + 23 * y) + rng.uniform(0, 6.3)) \
-            * np.sin(2 * np.pi * (29 * x - 41 * y))
-        color = rock * (0.7 + 0.25 * layer) * (1 - 0.15 * (2 - layer)) + texture[..., None]
-        image = np.where((y > ridge)[..., None], color, image)
-
-    # Water below the horizon, with a dimmed reflection of the sky and horizontal ripples.
-    water = (y > horizon)[..., None]
-    ripple = 0.05 * np.sin(2 * np.pi * 60 * y + 3 * np.sin(2 * np.pi * 5 * x))[..., None]
-    reflected = 0.55 * (sky_top * 0.5 + sky_low * 0.5) + ripple + 0 * x[..., None]
-    image = np.where(water, reflected, image)
-    image = (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
-    return image.transpose(2, 0, 1), label                         # (H, W, 3) -> (3, H, W)
-
-
-# Copied from ddpm.procedural_dataset
-def procedural_dataset(size, height, width, seed, class_conditional):
-    """The built-in dataset: `size` landscapes (uint8 (N, 3, H, W)) and their labels."""
-    items = [procedural_landscape(i, height, width, seed) for i in range(size)]
-    images = torch.from_numpy(np.stack([im for im, _ in items]))
-    labels = torch.tensor([lab for _, lab in items]) if class_conditional else None
-    return images, labels, ["day", "dusk"] if class_conditional else []
-
-
-# Copied from ddpm.find_images
-def find_images(root, class_conditional):
-    """All image files under `root` (recursively, sorted), with class indices from the top-level
-    subfolder names when `class_conditional`."""
-    paths, seen = [], set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        # Follow symbolic links, but read each real folder once (a link cycle would never end).
-        if os.path.realpath(dirpath) in seen:
-            dirnames.clear()
-            continue
-        seen.add(os.path.realpath(dirpath))
-        dirnames.sort()
-        paths += [os.path.join(dirpath, f) for f in sorted(filenames)
-                  if f.lower().endswith(IMAGE_EXTENSIONS)]
-    if not paths:
-        raise UserError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
-    if not class_conditional:
-        return paths, None, []
-    relative = [os.path.relpath(p, root).split(os.sep) for p in paths]
-    at_top = [os.path.join(root, *r) for r in relative if len(r) == 1]
-    if at_top:
-        raise UserError(f"--class_conditional needs every image in a class subfolder of {root}; "
-                        f"{len(at_top)} are directly in it (e.g. {at_top[0]})")
-    classes = sorted({r[0] for r in relative})
-    labels = [classes.index(r[0]) for r in relative]
-    return paths, labels, classes
-
-
-# Copied from ddpm.to_rgb
-def to_rgb(image):
-    """Any PIL image -> 8-bit RGB. 16-bit and 32-bit grayscale are rescaled (PIL's own convert
-    would clip them at 255; float images in [0, 1] would turn black); transparent pixels are
-    composited over white rather than revealing whatever colour the encoder left under alpha = 0."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        if image.mode.startswith("I;16") or array.max() > 255:
-            array = array / 257.0                                   # 65535 -> 255
-        elif image.mode == "F" and array.max() <= 1.0:
-            array = array * 255.0                                   # 1.0 -> 255
-        return Image.fromarray(np.clip(array + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-# Copied from ddpm.load_image
-def load_image(path, height, width):
-    """Decode, convert to RGB, resize so the image covers HxW, centre-crop.
-    Returns (uint8 array (3, H, W), upscaled?) or None if the file cannot be read."""
-    try:
-        with Image.open(path) as image:
-            image.draft("RGB", (width, height))                     # JPEG: decode at 1/2..1/8
-            image = ImageOps.exif_transpose(image)                  # phone photos: upright
-            image.load()
-            image = to_rgb(image)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return None
-    w, h = image.size
-    scale = max(height / h, width / w)
-    new_w, new_h = max(width, round(w * scale)), max(height, round(h * scale))
-    if (new_w, new_h) != (w, h):
-        resample = Image.BICUBIC if scale > 1 else Image.LANCZOS
-        image = image.resize((new_w, new_h), resample)
-    left, top = (new_w - width) // 2, (new_h - height) // 2
-    image = image.crop((left, top, left + width, top + height))
-    return np.asarray(image).transpose(2, 0, 1).copy(), scale > 1  # (H, W, 3) -> (3, H, W)
-
-
-# Copied from ddpm.read_image_size
-def read_image_size(path):
-    """(width, height) of an image file read from its header, upright by its EXIF orientation, or
-    None if PIL cannot identify the file. No pixel is decoded: this is the start-up check of a
-    streamed folder.
-
-    Image.open reads a few kilobytes, enough to reject empty files, text files and unknown formats
-    but not a file cut short after its header (StreamedImageFolder handles that one when it is
-    decoded). `Image.verify()` would not catch it either: for JPEG it does nothing, and for PNG it
-    reads the whole file to check every chunk's CRC, i.e. the entire dataset at start-up (90 GB of
-    FFHQ-1024 PNGs), which is what streaming is there to avoid."""
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-            # PNG's getexif() decodes the pixels to reach an eXIf chunk stored after them; one
-            # stored before them (as PIL writes it) is already in image.info.
-            if image.format != "PNG" or "exif" in image.info:
-                if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):   # rotated by 90 or 270 degrees
-                    width, height = height, width
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return None
-    return width, height
-
-
-# Copied from ddpm.load_image_folder
-def load_image_folder(root, height, width, class_conditional, num_workers, log=print,
-                      max_memory_gb=math.inf):
-    """The images of a folder, unreadable files skipped with one warning. Returns images, labels
-    (N,) or None, and the class names. `images` is a uint8 tensor (N, 3, H, W) or, if that would
-    take more than `max_memory_gb`, a StreamedImageFolder that make_batch indexes the same way.
-
-    Memory: N x 3 x H x W bytes, in every process of a DDP run: 2 GB for 10,000 images at 256x256,
-    but 220 GB for FFHQ (70,000 at 1024x1024) and 600 GB for LSUN bedrooms (3M at 256x256). In
-    memory, `num_workers` threads decode every image once (PIL releases the GIL while it decodes
-    and resizes) straight into one preallocated array; a list of arrays and np.stack would hold
-    the dataset twice at the peak. Streamed, only the file headers are read here. Under DDP
-    every rank does this itself; only rank 0 prints."""
-    paths, labels, classes = find_images(root, class_conditional)
-    decoded_gb = len(paths) * 3 * height * width / 1e9
-    streamed = decoded_gb > max_memory_gb
-    if streamed:
-        with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
-            sizes = list(pool.map(read_image_size, paths))
-        # "Upscaled" from the header's size: what load_image will find when it decodes the file.
-        upscaled = [None if size is None else max(height / size[1], width / size[0]) > 1
-                    for size in sizes]
-    else:
-        array = np.empty((len(paths), 3, height, width), dtype=np.uint8)
-
-        def decode(i):
-            result = load_image(paths[i], height, width)
-            if result is None:
-                return None
-            array[i] = result[0]                                    # each thread its own rows
-            return result[1]
-
-        with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
-            upscaled = list(pool.map(decode, range(len(paths))))
-    keep = [i for i, u in enumerate(upscaled) if u is not None]
-    if not keep:
-        raise UserError(f"none of the {len(paths)} image files under {root} could be read")
-    bad = [p for p, u in zip(paths, upscaled) if u is None]
-    if bad and int(os.environ.get("RANK", 0)) == 0:
-        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-        print(f"{METHOD}.py: warning: skipping {len(bad)} unreadable image file(s): {shown}",
-              file=sys.stderr)
-    labels = torch.tensor([labels[i] for i in keep]) if class_conditional else None
-    if streamed:
-        images = StreamedImageFolder([paths[i] for i in keep], labels, height, width, num_workers)
-    else:
-        for j, i in enumerate(keep):                                # close the skipped files'
-            if j != i:                                              # gaps in place (j < i)
-                array[j] = array[i]
-        images = torch.from_numpy(array[:len(keep)])
-    log(f"dataset: {len(keep)} images from {root}, {len(bad)} skipped, "
-        f"{sum(upscaled[i] for i in keep)} upscaled to {height}x{width}"
-        + (f", streamed from disk ({decoded_gb:.3g} GB decoded > --max_memory_dataset_gb "
-           f"{max_memory_gb:g})" if streamed else "")
-        + (f", {len(classes)} classes: {', '.join(classes)}" if classes else ""))
-    return images, labels, classes
-
-
-# Copied from ddpm.StreamedImageFolder
-class StreamedImageFolder:
-    """A folder too large to decode into memory, indexed like the uint8 tensor it stands in for:
-    `images[indices]` -> uint8 (B, 3, H, W), decoded from disk when make_batch asks for it.
-
-    Threads, not processes: PIL releases the GIL while it decodes, resizes and converts, so
-    `num_workers` threads decode in parallel, and meanwhile the main thread's forward and backward
-    run (PyTorch releases the GIL in its kernels; on a GPU they run asynchronously anyway).
-    `prefetch` queues the next micro-batches, so that they are ready when they are asked for.
-
-    Determinism: image i is always decoded from file i by load_image, the in-memory path's
-    function, so `images[indices]` is bitwise what the tensor would hold, and a batch stays a
-    function of its BatchStream index (exact resume, DDP: each rank decodes only its own batches).
-    The threads draw no random numbers; make_batch draws the flips afterwards on the main thread.
-
-    A file whose header passed the start-up check can still fail to decode (a truncated
-    download). It is replaced by the next file in index order (cyclically) that decodes and has
-    the same label, which depends on the index only, so batches stay a function of their index.
-    One warning per file names it (each rank warns for its own batches); it is not read again."""
-
-    def __init__(self, paths, labels, height, width, num_workers):
-        self.paths, self.height, self.width = paths, height, width
-        self.labels = labels.tolist() if labels is not None else None
-        self.pool = concurrent.futures.ThreadPoolExecutor(num_workers)
-        self.pending = {}                                           # indices -> their futures
-        self.failed, self.lock = set(), threading.Lock()
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, indices):
-        key = tuple(indices.tolist())
-        futures = self.pending.pop(key, None) or [self.pool.submit(self.decode, i) for i in key]
-        return torch.from_numpy(np.stack([f.result() for f in futures]))   # (B, 3, H, W)
-
-    def prefetch(self, batches):
-        """Start decoding `batches` (index tensors) in the background."""
-        for indices in batches:
-            key = tuple(indices.tolist())
-            if key not in self.pending:
-                self.pending[key] = [self.pool.submit(self.decode, i) for i in key]
-
-    def decode(self, index):
-        """Image `index` as uint8 (3, H, W), or its replacement if its file fails to decode."""
-        n = len(self.paths)
-        for j in ((index + k) % n for k in range(n)):
-            if j in self.failed or (self.labels is not None
-                                    and self.labels[j] != self.labels[index]):
-                continue
-            result = load_image(self.paths[j], self.height, self.width)
-            if result is not None:
-                return result[0]
-            with self.lock:                                         # warned once, and before
-                if j not in self.failed:                            # other threads skip it
-                    print(f"{METHOD}.py: warning: {self.paths[j]} cannot be decoded (its header "
-                          f"passed the start-up check); the next readable image"
-                          + (" of its class" if self.labels is not None else "")
-                          + " replaces it",
-                          file=sys.stderr)
-                    self.failed.add(j)
-        raise UserError(f"none of the {n} image files"
-                        + (" of this class" if self.labels is not None else "")
-                        + f" can be decoded (e.g. {self.paths[index]}); check the folder")
-
-
-# Copied from ddpm.load_dataset
-def load_dataset(args, log=print):
-    """The training images: the built-in dataset, or a folder decoded once for the whole run,
-    or streamed from disk if it is larger than --max_memory_dataset_gb decoded."""
-    height, width = args.image_size
-    if args.dataset_path is None:
-        images, labels, classes = procedural_dataset(args.procedural_size, height, width,
-                                                     args.seed, args.class_conditional)
-        log(f"dataset: {len(images)} built-in procedural landscapes at {height}x{width}")
-        return images, labels, classes
-    return load_image_folder(args.dataset_path, height, width, args.class_conditional,
-                             args.num_workers, log, args.max_memory_dataset_gb)
-
-
-# Copied from ddpm.BatchStream
-class BatchStream:
-    """Deterministic batches: the k-th micro-batch of a rank depends only on (seed, k, rank).
-
-    Epoch e visits the images in the order of a permutation seeded by (seed, e); rank r of
-    `world` takes every world-th position. Because a batch is a function of its index, resuming
-    at optimizer step s simply continues at micro-batch s * accumulation_iters."""
-
-    def __init__(self, num_images, batch_size, seed, rank=0, world=1):
-        self.n, self.batch_size, self.seed, self.rank, self.world = \
-            num_images, batch_size, seed, rank, world
-        self._perms = {}
-
-    def _perm(self, epoch):
-        if epoch not in self._perms:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            # Keep two epochs: a batch can straddle the boundary between them.
-            self._perms = {e: p for e, p in self._perms.items() if e == epoch - 1}
-            self._perms[epoch] = torch.randperm(self.n, generator=g)
-        return self._perms[epoch]
-
-    def indices(self, k):
-        positions = (k * self.batch_size + torch.arange(self.batch_size)) * self.world + self.rank
-        return torch.stack([self._perm(int(p) // self.n)[int(p) % self.n] for p in positions])
-
-
-# Copied from ddpm.make_batch
-def make_batch(images, labels, indices, hflip, device):
-    """uint8 (N, 3, H, W) (a tensor or a StreamedImageFolder) -> float in [-1, 1] on `device`,
-    randomly flipped (global torch RNG, whose state the checkpoint saves), with labels or None."""
-    x = images[indices].to(device).float() / 127.5 - 1.0          # (B, 3, H, W) in [-1, 1]
-    if hflip:
-        flip = (torch.rand(x.shape[0]) < 0.5).to(device)
-        x = torch.where(flip[:, None, None, None], x.flip(3), x)    # flip(3): mirror W
-    y = labels[indices].to(device) if labels is not None else None
-    return x, y
-
-
-# Copied from ddpm.make_grid
-def make_grid(images, padding=2):
-    """uint8 (N, 3, H, W) -> one uint8 (H', W', 3) grid image, as square as possible
-    (torchvision is not a dependency)."""
-    n, c, h, w = images.shape
-    nrow = math.ceil(math.sqrt(n))
-    ncol = math.ceil(n / nrow)
-    grid = np.full((ncol * (h + padding) + padding, nrow * (w + padding) + padding, c), 255,
-                   dtype=np.uint8)
-    for i, image in enumerate(images.cpu().numpy()):
-        r, col = divmod(i, nrow)
-        top, left = padding + r * (h + padding), padding + col * (w + padding)
-        grid[top:top + h, left:left + w] = image.transpose(1, 2, 0)   # (3, h, w) -> (h, w, 3)
-    return grid
-
-
-# Copied from ddpm.to_uint8
-def to_uint8(x):
-    """[-1, 1] float -> uint8, the inverse of make_batch's scaling."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5 + 0.5).to(torch.uint8)
-
-
-# Copied from ddpm.save_png
-def save_png(array, path):
-    """Write a uint8 (H, W, 3) array atomically (temporary file, then rename)."""
-    tmp = f"{path}.tmp.png"
-    Image.fromarray(array).save(tmp)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -852,29 +85,25 @@ def save_png(array, path):
 
 # Copied from ddpm.timestep_embedding
 def timestep_embedding(t, dim, max_period=10000):
-    """Sinusoidal embedding of (possibly fractional) timesteps (Vaswani et al. Sec. 3.5, used by
-    Ho et al.), in ADM's order: [cos(t w_i), sin(t w_i)], w_i = max_period^(-i / (dim/2)).
-    (B,) -> (B, dim)."""
+    """Sinusoidal embedding (Vaswani et al. Sec. 3.5) in ADM's order [cos(t w_i), sin(t w_i)],
+    w_i = max_period^(-i / (dim/2)). (B,) -> (B, dim)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]                        # (B, 1) * (1, half)
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)    # (B, dim)
+    angles = t.float()[:, None] * freqs[None]                       # (B, 1) * (1, half)
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
 
 
 # Copied from ddpm.norm_groups
 def norm_groups(channels):
-    """GroupNorm(32) as in ADM where the width allows it, but never fewer than 4 channels per
-    group: at the narrow widths of a CPU-sized model (32 channels) GroupNorm(32) would normalise
-    every channel on its own and erase the mean colour of flat regions, which the network then
-    cannot reconstruct. Widths that 32 does not divide (e.g. 144 = 96 + 48 after a skip
-    concatenation) take the largest group count that does."""
+    """ADM's GroupNorm(32), but never fewer than 4 channels per group: at a CPU-sized width of 32,
+    one channel per group would erase the mean colour of flat regions. Widths 32 does not
+    divide take the largest count that does."""
     return max(g for g in range(1, 33) if channels % g == 0 and channels // g >= min(4, channels))
 
 
 # Copied from ddpm.GroupNormAct
 class GroupNormAct(nn.GroupNorm):
-    """GroupNorm with an optional scale/shift and SiLU, fused by kernels.group_norm_act:
-    act(GN(x) * (1 + scale) + shift). Statistics in fp32 whatever the input dtype."""
+    """act(GN(x) (1 + scale) + shift), fused by kernels.group_norm_act; statistics in fp32."""
 
     def __init__(self, channels, act="silu"):
         super().__init__(norm_groups(channels), channels)
@@ -887,7 +116,7 @@ class GroupNormAct(nn.GroupNorm):
 
 # Copied from ddpm.zero_module
 def zero_module(module):
-    """Zero-initialise a layer so that a residual branch starts as the identity (ADM, Sec. 3)."""
+    """Zero-initialise a layer so that its residual branch starts as the identity (ADM)."""
     for p in module.parameters():
         nn.init.zeros_(p)
     return module
@@ -895,9 +124,9 @@ def zero_module(module):
 
 # Copied from ddpm.ResBlock
 class ResBlock(nn.Module):
-    """Residual block with adaptive group norm (Dhariwal & Nichol, Sec. 3):
-    h = conv(SiLU(GN(x))); h = conv(dropout(SiLU(GN(h) * (1 + scale) + shift))); out = skip(x) + h,
-    with (scale, shift) = Linear(SiLU(emb)) carrying the timestep (and class)."""
+    """Residual block with adaptive group norm (Dhariwal & Nichol Sec. 3):
+    h = conv(SiLU(GN(x))); h = conv(dropout(SiLU(GN(h) (1 + scale) + shift))); out = skip(x) + h,
+    with (scale, shift) = Linear(SiLU(emb)), emb carrying the timestep (and class)."""
 
     def __init__(self, in_channels, out_channels, emb_dim, dropout):
         super().__init__()
@@ -919,14 +148,11 @@ class ResBlock(nn.Module):
 
 # Copied from ddpm.AttentionBlock
 class AttentionBlock(nn.Module):
-    """Multi-head self-attention over the H*W positions of a feature map, with a residual
-    connection and a zero-initialised output projection. The softmax(q k^T / sqrt(d)) v product
-    runs through kernels.attention (flash attention: the N x N scores are never stored)."""
+    """Multi-head self-attention over the H*W positions, residual, zero-initialised output
+    projection; softmax(q k^T / sqrt(d)) v runs through kernels.attention (flash attention)."""
 
     def __init__(self, channels, num_heads):
         super().__init__()
-        if channels % num_heads:
-            raise UserError(f"{channels} channels do not split into --num_heads {num_heads}")
         self.num_heads = num_heads
         self.norm = GroupNormAct(channels, act=None)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
@@ -938,129 +164,89 @@ class AttentionBlock(nn.Module):
         qkv = qkv.reshape(b, 3, self.num_heads, c // self.num_heads, h * w)  # (B, 3, heads, d, N)
         q, k, v = qkv.permute(1, 0, 2, 4, 3).unbind(0)              # 3 x (B, heads, N, d)
         out = kernels.attention(q, k, v)                            # (B, heads, N, d)
-        # (B, heads, N, d) -> (B, heads, d, N) -> (B, C, H, W)
-        out = out.permute(0, 1, 3, 2).reshape(b, c, h, w)
+        out = out.permute(0, 1, 3, 2).reshape(b, c, h, w)           # (B, heads, d, N) -> (B, C, ..)
         return x + self.proj(out)
-
-
-# Copied from ddpm.Downsample
-class Downsample(nn.Module):
-    """Halve H and W with a stride-2 3x3 convolution (Ho et al.)."""
-
-    def __init__(self, channels):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
-
-    def forward(self, x):
-        return self.conv(x)
-
-
-# Copied from ddpm.Upsample
-class Upsample(nn.Module):
-    """Double H and W: nearest-neighbour upsampling, then a 3x3 convolution (Ho et al.)."""
-
-    def __init__(self, channels):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 # Copied from ddpm.UNet
 class UNet(nn.Module):
-    """The epsilon-prediction network eps_theta(x_t, t, y): an ADM-style U-Net.
+    """The network of Ho et al. in ADM's form, out_theta(x_t, t, y, emb). Encoder: per level
+    `num_res_blocks` ResBlocks (+ attention where the feature map's shorter side is in
+    `attention_resolutions`), then a stride-2 convolution. Middle: ResBlock, attention, ResBlock.
+    Decoder: per level `num_res_blocks + 1` ResBlocks, each fed the concatenation with one stored
+    encoder activation, then nearest upsampling and a 3x3 convolution. Output: GN, SiLU and a
+    zero-initialised convolution, so the untrained network outputs 0.
 
-    Encoder: per level, `num_res_blocks` ResBlocks (+ attention where the feature map's shorter
-    side is in `attention_resolutions`), then a Downsample (not after the last level). Middle:
-    ResBlock, attention, ResBlock. Decoder: per level, `num_res_blocks + 1` ResBlocks, each fed the
-    concatenation with one stored encoder activation, then an Upsample. Output: GN, SiLU and a
-    zero-initialised 3x3 convolution, so the untrained network predicts eps = 0.
-
-    Conditioning: emb = MLP(sinusoid(t)) (+ class embedding), injected in every ResBlock as
-    scale/shift. With `num_classes > 0`, label `num_classes` is the learned null label of
-    classifier-free guidance, and in training a label is replaced by it with probability
-    `label_dropout` (Ho & Salimans 2022, Algorithm 1)."""
+    Conditioning: MLP(sinusoid(t)) + class_emb(y) + `emb`, the scale/shift of every ResBlock.
+    `emb` (B, 4 * base_channels) is the door for a method's own conditioning. Label
+    `num_classes` is the learned null label of classifier-free guidance (y = None uses it)."""
 
     def __init__(self, in_channels=3, out_channels=3, base_channels=64, channel_mults=(1, 2, 2),
                  num_res_blocks=1, attention_resolutions=(8,), num_heads=4, dropout=0.0,
-                 image_size=(32, 32), num_classes=0, label_dropout=0.1):
+                 image_size=(32, 32), num_classes=0):
         super().__init__()
-        self.base_channels, self.num_classes, self.label_dropout = \
-            base_channels, num_classes, label_dropout
+        self.base_channels, self.num_classes = base_channels, num_classes
         emb_dim = 4 * base_channels
         self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(),
                                       nn.Linear(emb_dim, emb_dim))
         self.class_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes > 0 else None
 
+        def level(in_ch, out_ch, side):
+            attend = [AttentionBlock(out_ch, num_heads)] if side in attention_resolutions else []
+            return nn.ModuleList([ResBlock(in_ch, out_ch, emb_dim, dropout), *attend])
+
         widths = [int(base_channels * m) for m in channel_mults]
-        side = min(image_size)
-        self.input_conv = nn.Conv2d(in_channels, base_channels, 3, padding=1)
-        self.down = nn.ModuleList()
-        skip_widths, ch = [base_channels], base_channels
-        for level, width in enumerate(widths):
+        side, ch = min(image_size), base_channels
+        self.input_conv = nn.Conv2d(in_channels, ch, 3, padding=1)
+        self.down, self.up, skips = nn.ModuleList(), nn.ModuleList(), [ch]
+        for i, width in enumerate(widths):
             for _ in range(num_res_blocks):
-                self.down.append(self._level_block(ch, width, emb_dim, dropout, side,
-                                                   attention_resolutions, num_heads))
+                self.down.append(level(ch, width, side))
                 ch = width
-                skip_widths.append(ch)
-            if level < len(widths) - 1:
-                self.down.append(Downsample(ch))
-                skip_widths.append(ch)
+                skips.append(ch)
+            if i < len(widths) - 1:
+                self.down.append(nn.ModuleList([nn.Conv2d(ch, ch, 3, stride=2, padding=1)]))
+                skips.append(ch)
                 side //= 2
         self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim, dropout), AttentionBlock(ch, num_heads),
                                   ResBlock(ch, ch, emb_dim, dropout)])
-        self.up = nn.ModuleList()
-        for level, width in reversed(list(enumerate(widths))):
+        for i, width in reversed(list(enumerate(widths))):
             for _ in range(num_res_blocks + 1):
-                self.up.append(self._level_block(ch + skip_widths.pop(), width, emb_dim, dropout,
-                                                 side, attention_resolutions, num_heads))
+                self.up.append(level(ch + skips.pop(), width, side))
                 ch = width
-            if level > 0:
-                self.up.append(Upsample(ch))
+            if i > 0:
+                self.up.append(nn.ModuleList([nn.Upsample(scale_factor=2.0, mode="nearest"),
+                                              nn.Conv2d(ch, ch, 3, padding=1)]))
                 side *= 2
         self.out = nn.Sequential(GroupNormAct(ch),
                                  zero_module(nn.Conv2d(ch, out_channels, 3, padding=1)))
 
-    @staticmethod
-    def _level_block(in_ch, out_ch, emb_dim, dropout, side, attention_resolutions, num_heads):
-        blocks = [ResBlock(in_ch, out_ch, emb_dim, dropout)]
-        if side in attention_resolutions:
-            blocks.append(AttentionBlock(out_ch, num_heads))
-        return nn.ModuleList(blocks)
-
-    def embed(self, t, y):
-        """Timestep (and class) embedding, (B,) -> (B, 4 * base_channels)."""
-        emb = self.time_mlp(timestep_embedding(t, self.base_channels))
+    def embed(self, t, y=None, emb=None):
+        """The conditioning vector of every ResBlock: (B,) -> (B, 4 * base_channels)."""
+        h = self.time_mlp(timestep_embedding(t, self.base_channels))
         if self.class_emb is not None:
-            if y is None:
-                y = torch.full_like(t, self.num_classes, dtype=torch.long)
-            elif self.training and self.label_dropout > 0:
-                drop = torch.rand(y.shape, device=y.device) < self.label_dropout
-                y = torch.where(drop, torch.full_like(y, self.num_classes), y)
-            emb = emb + self.class_emb(y)
-        return emb
+            h = h + self.class_emb(torch.full_like(t, self.num_classes, dtype=torch.long)
+                                   if y is None else y)
+        return h if emb is None else h + emb
+
+    def forward(self, x, t, y=None, emb=None):
+        emb, h = self.embed(t, y, emb), self.input_conv(x)
+        skips = [h]
+        for blocks in self.down:
+            h = self.run(blocks, h, emb)
+            skips.append(h)
+        h = self.run(self.mid, h, emb)
+        for blocks in self.up:
+            if isinstance(blocks[0], ResBlock):                     # not the upsampling
+                h = torch.cat([h, skips.pop()], dim=1)              # (B, C + C_skip, H, W)
+            h = self.run(blocks, h, emb)
+        return self.out(h)
 
     @staticmethod
-    def _run(block, h, emb):
-        for layer in block:
-            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+    def run(blocks, h, emb):
+        for block in blocks:
+            h = block(h, emb) if isinstance(block, ResBlock) else block(h)
         return h
-
-    def forward(self, x, t, y=None):
-        emb = self.embed(t, y)
-        h = self.input_conv(x)
-        skips = [h]
-        for block in self.down:
-            h = block(h) if isinstance(block, Downsample) else self._run(block, h, emb)
-            skips.append(h)
-        h = self._run(self.mid, h, emb)
-        for block in self.up:
-            if isinstance(block, Upsample):
-                h = block(h)
-            else:
-                h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb)  # (B, C+C_skip, H, W)
-        return self.out(h)
 
 
 def cut_patches(x, n):
@@ -1084,51 +270,39 @@ def stitch_patches(patches, n):
 
 
 class PatchUNet(UNet):
-    """eps_theta(patch of x_t, GCC, t, s, y): ddpm.py's U-Net run on one patch at a time
-    (Arakawa et al. Sec. 3).
+    """eps_theta(patch s of x_t, GCC, t, s, y): ddpm.py's U-Net run on one patch at a time
+    (Arakawa et al. Sec. 3), built with 6 input channels and the patch's size.
 
     Input: the noisy patch concatenated with the global content conditioning (Sec. 3.2),
-        GCC = AvgPool_N(x_t): the whole noisy image pooled to the patch size,
-    6 channels in all. Pooling averages N x N independent noise values, so the noise in the GCC
-    has 1/N of the standard deviation of the noise in x_t: the coarse content shows through
-    earlier in the reverse process than in the patch itself.
+        GCC = AvgPool_N(x_t): the whole noisy image pooled to the patch size.
+    Pooling averages N x N independent noise values, so the noise in the GCC has 1/N of the
+    standard deviation of the noise in x_t: the coarse content shows through earlier in the
+    reverse process than in the patch itself.
 
-    Position (Sec. 3.1): the one-hot vector of patch s (length N*N) is embedded by
-    Linear(N*N, d) + GELU, concatenated with the time embedding and fused by a Linear back to d,
-    as the original code's `Embedding` does; the result conditions every ResBlock's scale/shift.
-    The class embedding (classifier-free guidance) is added to the time embedding as in ddpm.py,
-    before the fusion: the original code has no classes.
+    Position (Sec. 3.1): emb_s = Linear(GELU(Linear(one_hot(s)))), (N*N,) -> (4 * base_channels,),
+    goes through UNet's `emb` door: it is added to the time (and class) embedding that conditions
+    every ResBlock's scale/shift. The original code instead fuses [time, GELU(Linear(one_hot))]
+    with a Linear on the concatenation; a linear map of a concatenation is the sum of a linear map
+    of each part, and the time part's map folds into the time MLP's last Linear (and the class
+    table), so the two are the same family of functions. The original has no classes; labels are
+    dropped per image in make_batch, so every patch of an image agrees on its label.
 
     `model(x_t, t, y)` takes the full noisy image and returns the full-image eps (B, 3, H, W),
-    computed `patch_batch` patch positions at a time (0: all at once); `patch_batch` may be
-    changed between calls and does not change the result. `model(x_t, t, y, positions=[...])`
-    returns only those positions' patches of eps (K, B, 3, H/N, W/N): the training loss takes its
-    chunks this way, through the module's own forward, so DDP sees every chunk.
+    computed `patch_batch` positions at a time (0: all at once); `patch_batch` may be changed
+    between calls and does not change the result. `model(x_t, t, y, positions=[...])` returns
+    only those positions' patches (K, B, 3, H/N, W/N): the training loss takes its chunks this way,
+    through the module's own forward, so DDP sees every chunk."""
 
-    Label dropout (classifier-free guidance) is drawn per image by `drop_labels`, which
-    GaussianDiffusion.training_loss calls once per batch: every patch of an image then agrees on
-    whether it is conditional, as when sampling with guidance, and the patch chunks see the same
-    labels whatever --patch_batch. The U-Net itself therefore never drops labels."""
-
-    def __init__(self, patch_divider=2, patch_batch=1, label_dropout=0.1, **unet_kwargs):
-        super().__init__(label_dropout=0.0, **unet_kwargs)
+    def __init__(self, *unet_args, patch_divider=2, patch_batch=1, **unet_kwargs):
+        super().__init__(*unet_args, **unet_kwargs)
         self.patch_divider, self.patch_batch = patch_divider, patch_batch
-        self.image_label_dropout = label_dropout
         emb_dim = 4 * self.base_channels
-        self.position_mlp = nn.Sequential(nn.Linear(patch_divider ** 2, emb_dim), nn.GELU())
-        self.fuse = nn.Linear(2 * emb_dim, emb_dim)
-
-    def embed(self, t_and_position, y):
-        """emb = Linear([MLP(sinusoid(t)) + class_emb(y), GELU(Linear(one_hot(s)))]):
-        (B,), (B, N*N) -> (B, 4 * base_channels)."""
-        t, one_hot = t_and_position
-        time_and_class = super().embed(t, y)
-        return self.fuse(torch.cat([time_and_class, self.position_mlp(one_hot)], dim=1))
+        self.position_emb = nn.Sequential(nn.Linear(patch_divider ** 2, emb_dim), nn.GELU(),
+                                          nn.Linear(emb_dim, emb_dim))
 
     def global_content(self, x_t):
         """GCC (Sec. 3.2): (B, 3, H, W) -> (B, 3, H/N, W/N), the mean of every N x N block (the
-        original's AdaptiveAvgPool2d, which is the same when N divides H and W). With N = 1 it
-        is x_t itself."""
+        original's AdaptiveAvgPool2d, which is the same when N divides H and W). N = 1: x_t."""
         return F.avg_pool2d(x_t, self.patch_divider)
 
     def position_chunks(self):
@@ -1137,58 +311,54 @@ class PatchUNet(UNet):
         size = self.patch_batch or count
         return [list(range(start, min(start + size, count))) for start in range(0, count, size)]
 
-    def drop_labels(self, y):
-        """Replace each image's label by the null label with probability label_dropout, in
-        training only (Ho & Salimans 2022, Algorithm 1)."""
-        if y is None or not self.training or self.image_label_dropout == 0:
-            return y
-        drop = torch.rand(y.shape, device=y.device) < self.image_label_dropout
-        return torch.where(drop, torch.full_like(y, self.num_classes), y)
-
-    def denoise_patches(self, patches, gcc, t, y, positions):
-        """eps for the patches at `positions` of every image: (K, B, 3, h, w)."""
+    def denoise(self, patches, gcc, t, y, positions):
+        """The output for the patches at `positions` of every image: (K, B, 3, h, w)."""
         k, b = len(positions), gcc.shape[0]
         gcc = gcc.expand(k, *gcc.shape)                             # (K, B, 3, h, w), no copy
         inputs = torch.cat([patches[positions], gcc], dim=2)        # (K, B, 6, h, w)
-        inputs = inputs.reshape(k * b, *inputs.shape[2:])           # (K*B, 6, h, w), row s*B + b
         one_hot = F.one_hot(torch.tensor(positions, device=gcc.device), self.patch_divider ** 2)
-        one_hot = one_hot.float().repeat_interleave(b, dim=0)       # (K, N*N) -> (K*B, N*N)
+        emb = self.position_emb(one_hot.float())                    # (K, N*N) -> (K, 4 * base)
+        emb = emb.repeat_interleave(b, dim=0)                       # (K*B, 4 * base), row j*B + b
         y = None if y is None else y.repeat(k)                      # (B,) -> (K*B,)
-        # UNet.forward hands its second argument to self.embed only, so the (t, position) pair
-        # passes through it unchanged.
-        eps = UNet.forward(self, inputs, (t.repeat(k), one_hot), y)  # (K*B, 3, h, w)
-        return eps.reshape(k, b, *eps.shape[1:])                    # (K, B, 3, h, w)
+        inputs = inputs.reshape(k * b, *inputs.shape[2:])           # (K*B, 6, h, w), row j*B + b
+        out = super().forward(inputs, t.repeat(k), y, emb)          # (K*B, 3, h, w)
+        return out.reshape(k, b, *out.shape[1:])                    # (K, B, 3, h, w)
 
     def forward(self, x, t, y=None, positions=None):
         """Full noisy images (B, 3, H, W) -> eps (B, 3, H, W), or with `positions` only those
-        patches of eps (K, B, 3, H/N, W/N). The GCC comes from this very x_t."""
+        patches (K, B, 3, H/N, W/N). The GCC comes from this very x_t."""
         n = self.patch_divider
         gcc = self.global_content(x)                                # (B, 3, H/N, W/N)
         patches = cut_patches(x, n)                                 # (N*N, B, 3, H/N, W/N)
         if positions is not None:
-            return self.denoise_patches(patches, gcc, t, y, positions)
+            return self.denoise(patches, gcc, t, y, positions)
         # Only one chunk's activations are alive at a time; the outputs go into one full-size
         # eps. The original code runs all N*N patches of all images as one batch of N*N*B.
         eps = None
         for chunk in self.position_chunks():
-            out = self.denoise_patches(patches, gcc, t, y, chunk)   # (K, B, 3, H/N, W/N)
+            out = self.denoise(patches, gcc, t, y, chunk)           # (K, B, 3, H/N, W/N)
             if eps is None:
                 eps = out.new_empty((n * n, *out.shape[1:]))        # (N*N, B, 3, H/N, W/N)
             eps[chunk] = out
         return stitch_patches(eps, n)                               # (B, 3, H, W)
 
 
+def unet_input_size(args):
+    """The (height, width) the U-Net runs on: the H/N x W/N patch."""
+    (h, w), n = args.image_size, args.patch_divider
+    if h % n or w % n:
+        raise UserError(f"--image_size {h}x{w} is not divisible by --patch_divider {n}; use a "
+                        f"multiple of {n} or another --patch_divider")
+    return h // n, w // n
+
+
 def build_model(args):
-    """The patch U-Net for a resolved configuration (`args.num_classes` is set from the dataset):
-    6 input channels (patch + GCC), 3 output channels, sized for the H/N x W/N patch."""
-    n = args.patch_divider
-    return PatchUNet(
-        patch_divider=n, patch_batch=args.patch_batch, label_dropout=args.label_dropout,
-        in_channels=6, out_channels=3, base_channels=args.base_channels,
-        channel_mults=args.channel_mults, num_res_blocks=args.num_res_blocks,
-        attention_resolutions=args.attention_resolutions, num_heads=args.num_heads,
-        dropout=args.dropout, image_size=(args.image_size[0] // n, args.image_size[1] // n),
-        num_classes=getattr(args, "num_classes", 0))
+    """The patch U-Net of a checked configuration (`args.num_classes` comes from the dataset):
+    6 input channels (patch + GCC), 3 output channels, sized for the patch."""
+    return PatchUNet(6, 3, args.base_channels, args.channel_mults, args.num_res_blocks,
+                     args.attention_resolutions, args.num_heads, args.dropout,
+                     unet_input_size(args), args.num_classes,
+                     patch_divider=args.patch_divider, patch_batch=args.patch_batch)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1198,244 +368,158 @@ def build_model(args):
 
 # Copied from ddpm.make_beta_schedule
 def make_beta_schedule(kind, timesteps, beta_end=0.02):
-    """beta_1..beta_T in float64.
-
-    linear (Ho et al. Sec. 4): beta from 1e-4 to `beta_end` (the paper's 0.02) at T = 1000; for
-    other T both ends are scaled by 1000 / T so the total noise stays the same (Nichol & Dhariwal,
-    Sec. 3.2 code).
-    cosine (Nichol & Dhariwal Eq. 17): alpha_bar(t) = f(t) / f(0), f(t) = cos^2(((t/T + s) /
-    (1 + s)) pi/2), s = 0.008; beta_t = 1 - alpha_bar(t) / alpha_bar(t-1), clipped at 0.999
-    (`beta_end` does not apply)."""
+    """beta_1..beta_T in float64. linear (Ho et al. Sec. 4): 1e-4 to `beta_end` at T = 1000, both
+    ends scaled by 1000 / T for other T (Nichol & Dhariwal's code). cosine (Nichol & Dhariwal
+    Eq. 17): alpha_bar(t) = f(t) / f(0), f(t) = cos^2((t/T + s) / (1 + s) pi/2), s = 0.008,
+    beta_t = 1 - alpha_bar(t) / alpha_bar(t-1), clipped at 0.999."""
     if kind == "linear":
         scale = 1000 / timesteps
+        if not 0 < scale * beta_end < 1:
+            raise UserError(f"the linear schedule's last beta, {beta_end:g} x 1000 / --timesteps "
+                            f"{timesteps} = {scale * beta_end:g}, must be in (0, 1)")
         return torch.linspace(scale * 1e-4, scale * beta_end, timesteps, dtype=torch.float64)
-    if kind == "cosine":
-        s = 0.008
-        steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
-        f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
-        alpha_bar = f / f[0]
-        return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
-    raise UserError(f"unknown noise schedule {kind!r} (linear or cosine)")
+    steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+    f = torch.cos((steps + 0.008) / 1.008 * math.pi / 2) ** 2
+    return (1 - f[1:] / f[:-1]).clamp(max=0.999)                    # f[0] cancels in the ratio
 
 
-# Copied from ddpm._gather
-def _gather(buffer, t, x):
-    """buffer[t] reshaped to broadcast against x: (B,) -> (B, 1, 1, 1)."""
+# Copied from ddpm.at
+def at(buffer, t, x):
+    """buffer[t] shaped to broadcast against x: (B,) -> (B, 1, 1, 1)."""
     return buffer[t].reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
 
 
-# Copied from ddpm.per_image_noise
-def per_image_noise(shape, seeds, device):
-    """A function that draws noise of `shape` (B, ...), each image from its own generator seeded
-    by `seeds` (random seeds if None): an image's noise does not depend on the batch it is drawn
-    in (EDM, Karras et al. 2022)."""
-    generators = [torch.Generator().manual_seed(int(s)) for s in
-                  (seeds if seeds is not None else torch.randint(0, 2 ** 62, (shape[0],)))]
-
-    def noise_like():
-        return torch.stack([torch.randn(shape[1:], generator=g) for g in generators]).to(device)
-
-    return noise_like
-
-
-# Copied from ddpm.schedule_buffers
-def schedule_buffers(betas):
-    """Everything the loss and the samplers need from betas_1..T, in float64: alpha_bar_t and its
-    square roots (Ho et al. Eq. 4), and the posterior q(x_{t-1} | x_t, x_0) = N(mu~, beta~ I) with
-    mu~ = coef1 x_0 + coef2 x_t (Ho et al. Eqs. 6-7)."""
-    betas = betas.double()
-    alphas = 1.0 - betas
-    alphas_cumprod = torch.cumprod(alphas, 0)                          # alpha_bar_t
-    alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
-    posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
-    return {
-        "betas": betas,
-        "alphas_cumprod": alphas_cumprod,
-        "alphas_cumprod_prev": alphas_cumprod_prev,
-        "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
-        "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
-        "sqrt_recip_alphas_cumprod": (1.0 / alphas_cumprod).sqrt(),
-        "sqrt_recipm1_alphas_cumprod": (1.0 / alphas_cumprod - 1).sqrt(),
-        "posterior_variance": posterior_variance,
-        # beta~_0 = 0: the log is clipped to beta~_1 (the variance at t = 0 is never used).
-        "posterior_log_variance_clipped": torch.log(torch.cat(
-            [posterior_variance[1:2], posterior_variance[1:]])) if len(betas) > 1
-        else torch.zeros(1, dtype=torch.float64),
-        "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
-        "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * alphas.sqrt()
-        / (1.0 - alphas_cumprod),
-    }
-
-
+# Copied from ddpm.GaussianDiffusion
 class GaussianDiffusion(nn.Module):
-    """The forward process q(x_t | x_0) and everything derived from the betas, computed once in
-    float64 (schedule_buffers) and stored as float32 buffers. Indices t run over 0..T-1 (index t
-    is the paper's step t+1). A respaced process (`respace`) has its own betas over a subset of
-    the original steps and a `timestep_map` back to them, which is what the network is
-    conditioned on."""
+    """q(x_t | x_0) and the reverse steps, computed once from the betas in float64 and stored as
+    float32 buffers. Index t runs over 0..T-1 (the paper's step t + 1). A respaced process has
+    its own betas over a subset of the steps and a `timestep_map` back to them, which is what the
+    network is conditioned on.
 
-    # Copied from ddpm.GaussianDiffusion.__init__
-    def __init__(self, betas, loss="mse", timestep_map=None):
+    `prediction` is what the network outputs: eps (Ho et al.), x0, or v = sqrt(alpha_bar) eps -
+    sqrt(1 - alpha_bar) x0 (Salimans & Ho Sec. 4). Each is trained with the plain error on its
+    own target, which weights the x0 error by SNR (eps), 1 (x0) or SNR + 1 (v). `variance` is the
+    ancestral step's sigma_t^2: small beta~_t or large beta_t (Ho et al. Sec. 3.2)."""
+
+    def __init__(self, betas, prediction="eps", loss="mse", variance="small", timestep_map=None):
         super().__init__()
-        buffers = schedule_buffers(betas)
+        betas = betas.double()
+        alpha_bar = torch.cumprod(1 - betas, 0)
+        alpha_bar_prev = torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
+        sigma2 = betas * (1 - alpha_bar_prev) / (1 - alpha_bar) if variance == "small" else betas
+        buffers = {
+            "betas": betas, "alpha_bar": alpha_bar, "alpha_bar_prev": alpha_bar_prev,
+            # No noise in the last step (index 0); improved-diffusion's "fixed large" variance
+            # puts beta~_1 there, which is never drawn either.
+            "sigma": torch.cat([sigma2.new_zeros(1), sigma2[1:]]).sqrt(),
+            "coef_x0": betas * alpha_bar_prev.sqrt() / (1 - alpha_bar),           # Eq. 7
+            "coef_xt": (1 - alpha_bar_prev) * (1 - betas).sqrt() / (1 - alpha_bar),
+        }
         for name, value in buffers.items():
             self.register_buffer(name, value.float(), persistent=False)
-        if timestep_map is None:
-            timestep_map = torch.arange(len(betas))
-        self.register_buffer("timestep_map", timestep_map.long(), persistent=False)
-        self.num_timesteps = len(betas)
-        self.alphas_cumprod_f64 = buffers["alphas_cumprod"]           # for exact respacing
-        self.options = dict(loss=loss)                                # what `respace` carries over
-        self.loss = loss
+        self.register_buffer("timestep_map", torch.arange(len(betas)) if timestep_map is None
+                             else timestep_map.long(), persistent=False)
+        self.num_timesteps, self.alpha_bar_f64 = len(betas), alpha_bar
+        self.options = dict(prediction=prediction, loss=loss, variance=variance)
+        self.prediction, self.loss = prediction, loss
 
-    # Copied from ddpm.GaussianDiffusion.q_sample
     def q_sample(self, x0, t, noise):
         """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps   (Ho et al. Eq. 4)."""
-        return (_gather(self.sqrt_alphas_cumprod, t, x0) * x0
-                + _gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
+        a = at(self.alpha_bar, t, x0)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
-    # Copied from ddpm.GaussianDiffusion.predict_x0_from_eps
-    def predict_x0_from_eps(self, x_t, t, eps):
-        """x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), Eq. 4 solved for x_0."""
-        return (_gather(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
-                - _gather(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps)
+    def target(self, x0, noise, t):
+        """What the network learns to output at (x_t, t): eps, x0 or v."""
+        a = at(self.alpha_bar, t, x0)
+        return {"eps": noise, "x0": x0}.get(self.prediction, a.sqrt() * noise - (1 - a).sqrt() * x0)
 
-    # Copied from ddpm.GaussianDiffusion.predict_eps_from_x0
-    def predict_eps_from_x0(self, x_t, t, x0):
-        """The inverse of predict_x0_from_eps."""
-        return ((_gather(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0)
-                / _gather(self.sqrt_recipm1_alphas_cumprod, t, x_t))
+    def x0_and_eps(self, x_t, t, out):
+        """The network's output -> (x0_hat, eps_hat), by Eq. 4 and the definition of v."""
+        a = at(self.alpha_bar, t, x_t)
+        if self.prediction == "eps":
+            return (x_t - (1 - a).sqrt() * out) / a.sqrt(), out
+        if self.prediction == "x0":
+            return out, (x_t - a.sqrt() * out) / (1 - a).sqrt()
+        return a.sqrt() * x_t - (1 - a).sqrt() * out, (1 - a).sqrt() * x_t + a.sqrt() * out
 
-    # Copied from ddpm.GaussianDiffusion.q_posterior
-    def q_posterior(self, x0, x_t, t):
-        """Mean and variance of q(x_{t-1} | x_t, x_0) (Ho et al. Eq. 7):
-        mu~ = coef1 x_0 + coef2 x_t, coef1 = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t),
-        coef2 = sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t),
-        beta~ = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t."""
-        mean = (_gather(self.posterior_mean_coef1, t, x_t) * x0
-                + _gather(self.posterior_mean_coef2, t, x_t) * x_t)
-        return mean, _gather(self.posterior_variance, t, x_t)
+    def error(self, out, target):
+        """The elementwise training error: squared (Ho et al. Eq. 14), absolute or Huber."""
+        fn = {"mse": F.mse_loss, "l1": F.l1_loss, "huber": F.smooth_l1_loss}[self.loss]
+        return fn(out, target, reduction="none")
 
-    # Copied from ddpm.GaussianDiffusion.p_sample_step
-    def p_sample_step(self, x_t, eps, t, noise):
-        """One ancestral step x_t -> x_{t-1} (Ho et al. Algorithm 2) with the fixed small variance
-        sigma_t^2 = beta~_t: x_{t-1} = mu~(x_0_hat, x_t) + sigma_t z, no noise at t = 0.
-        x_0_hat is clipped to the data range [-1, 1] first (as in Ho et al.'s code)."""
-        x0 = self.predict_x0_from_eps(x_t, t, eps).clamp(-1, 1)
-        mean, _ = self.q_posterior(x0, x_t, t)
-        nonzero = (t > 0).float().reshape(-1, *([1] * (x_t.dim() - 1)))
-        std = torch.exp(0.5 * _gather(self.posterior_log_variance_clipped, t, x_t))
-        return mean + nonzero * std * noise
+    def training_losses(self, model, x0, y=None):
+        """L_simple (Ho et al. Eq. 14, Algorithm 1): t ~ U{0..T-1}, eps ~ N(0, I), the error of
+        out_theta(x_t, t, y) on its target, averaged over pixels and batch. Index 0 (the paper's
+        t = 1) is drawn too: the last denoising step must be learned.
 
-    # Copied from ddpm.GaussianDiffusion._alpha_bar
-    def _alpha_bar(self, t, x):
-        """alpha_bar at index t, with alpha_bar = 1 at t = -1 (before the first step)."""
-        t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
-        a = self.alphas_cumprod[t.clamp(min=0)]
-        return torch.where(t >= 0, a, torch.ones_like(a)).reshape(-1, *([1] * (x.dim() - 1)))
+        Returns a list of functions, each computing one term of the loss; the terms add up to
+        the loss. Here there is one; a method can split its loss into chunks, which
+        micro_batch_step then backpropagates one at a time."""
+        t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
+        noise = torch.randn_like(x0)
+        x_t, target = self.q_sample(x0, t, noise), self.target(x0, noise, t)
+        return [lambda: self.error(model(x_t, self.timestep_map[t], y).float(), target).mean()]
 
-    # Copied from ddpm.GaussianDiffusion.ddim_step
-    def ddim_step(self, x_t, eps, t, t_prev, eta=0.0, noise=None):
-        """DDIM update (Song et al. Eq. 12) from index t to t_prev (t_prev = -1: the final step to
-        x_0):
-            x_prev = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - sigma^2) eps + sigma z,
-            sigma = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev)      (Eq. 16),
-        with a = alpha_bar and x0_hat = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t) (Eq. 4 solved for
-        x_0, as in predict_x0_from_eps, with alpha_bar = 1 at index -1). eta = 0 is
-        deterministic; eta = 1 is the ancestral DDPM step."""
-        a_t = self._alpha_bar(t, x_t).to(x_t.dtype)
-        a_prev = self._alpha_bar(t_prev, x_t).to(x_t.dtype)
-        x0 = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp(min=0).sqrt()
-        x_prev = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps
-        if eta > 0:
-            x_prev = x_prev + sigma * (noise if noise is not None else torch.randn_like(x_t))
-        return x_prev
+    def ddpm_step(self, x_t, out, t, noise):
+        """Ancestral step x_t -> x_{t-1} (Ho et al. Algorithm 2): mu~(x0_hat, x_t) + sigma_t z,
+        mu~ = coef_x0 x0_hat + coef_xt x_t (Eq. 7), x0_hat clipped to [-1, 1]."""
+        x0 = self.x0_and_eps(x_t, t, out)[0].clamp(-1, 1)
+        mean = at(self.coef_x0, t, x_t) * x0 + at(self.coef_xt, t, x_t) * x_t
+        return mean + at(self.sigma, t, x_t) * noise
 
-    # Copied from ddpm.GaussianDiffusion.respace
+    def ddim_step(self, x_t, out, t, noise, eta=0.0):
+        """DDIM (Song et al. Eq. 12) from index t to t - 1, a = alpha_bar:
+            x_prev = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - s^2) eps_hat + s z,
+            s = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev)      (Eq. 16),
+        x0_hat clipped to [-1, 1] and eps_hat recomputed from it. eta = 1 is ancestral."""
+        a, a_prev = at(self.alpha_bar, t, x_t), at(self.alpha_bar_prev, t, x_t)
+        x0 = self.x0_and_eps(x_t, t, out)[0].clamp(-1, 1)
+        eps = (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+        s = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).clamp(min=0).sqrt()
+        x_prev = a_prev.sqrt() * x0 + (1 - a_prev - s ** 2).clamp(min=0).sqrt() * eps
+        return x_prev + s * noise if eta > 0 else x_prev
+
     def respace(self, steps):
-        """A process over `steps` evenly spaced original indices (Nichol & Dhariwal Sec. 4):
-        alpha_bar is kept at the chosen steps and beta_k = 1 - alpha_bar_k / alpha_bar_{k-1}."""
+        """The process over `steps` evenly spaced indices (Nichol & Dhariwal Sec. 4): alpha_bar
+        kept there, beta_k = 1 - alpha_bar_k / alpha_bar_{k-1}."""
         use = torch.linspace(0, self.num_timesteps - 1, steps, dtype=torch.float64).round().long()
-        use = torch.unique(use)
-        alpha_bar = self.alphas_cumprod_f64[use]
-        alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
-        betas = 1 - alpha_bar / alpha_bar_prev
-        return GaussianDiffusion(betas, timestep_map=use, **self.options).to(self.betas.device)
+        alpha_bar = self.alpha_bar_f64[torch.unique(use)]
+        betas = 1 - alpha_bar / torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
+        return GaussianDiffusion(betas, timestep_map=torch.unique(use),
+                                 **self.options).to(self.betas.device)
 
-    def training_loss(self, model, x0, y=None, backward=None, no_sync=None, autocast=None):
-        """L_simple (Ho et al. Eq. 14) on patches (Arakawa et al. Sec. 3): one t ~ U{0..T-1} and
-        eps ~ N(0, I) per image, x_t = q_sample(x0, t, eps) for the whole image, and every patch
-        s of every image is denoised with GCC(x_t) and its position:
-            loss = sum_s sum_pixels |eps_s - eps_theta(x_t_s, GCC(x_t), t, s, y)| / (B * 3 * H * W),
-        the L1 loss of the original code on the stitched image ("mse": squared error, "huber":
-        smooth L1; all are elementwise, so the sum over patches is the full-image mean).
 
-        The patch positions go through `model` in chunks of its `patch_batch`. If `backward` is
-        given, it is called on each chunk's loss right after that chunk's forward pass, so only
-        one chunk's activations are alive, and the detached total is returned; the gradients add
-        up to those of the full-image loss. Otherwise the differentiable total is returned.
-        `no_sync(last_chunk)` returns the context a chunk's forward and backward run in (DDP's
-        no_sync for all but the chunk that all-reduces), `autocast` the forward's mixed precision.
-        With --dropout > 0 each chunk draws its own dropout masks: the gradient is then the same
-        in distribution for every --patch_batch, not bitwise."""
-        net = getattr(model, "module", model)                       # the PatchUNet inside DDP
+class PatchDiffusion(GaussianDiffusion):
+    """GaussianDiffusion with the loss taken on patches, chunk by chunk (Arakawa et al. Sec. 3)."""
+
+    def training_losses(self, model, x0, y=None):
+        """L_simple on patches: one t ~ U{0..T-1} and eps ~ N(0, I) per image, x_t = q_sample(x0,
+        t, eps) for the whole image, and every patch s of every image denoised with GCC(x_t):
+            loss = sum_s sum_pixels err(target_s, out_theta(x_t_s, GCC(x_t), t, s, y)) / (B 3 H W),
+        the elementwise error on the stitched image (the original code: L1 on eps).
+
+        Returns one term per chunk of `patch_batch` positions: chunk c's term is the sum of its
+        errors / x0.numel(), so the terms add up to the full-image mean. micro_batch_step
+        backpropagates each term before it computes the next, so only one chunk's activations
+        are alive (the original batches all N*N patches: no saving); the gradients add up to
+        those of the full-image loss. With --dropout > 0 each chunk draws its own dropout masks:
+        the gradient is then the same in distribution for every --patch_batch, not bitwise."""
+        net = model.module if isinstance(model, DistributedDataParallel) else model
         t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
         noise = torch.randn_like(x0)
         x_t = self.q_sample(x0, t, noise)
-        y = net.drop_labels(y)
-        target = cut_patches(noise, net.patch_divider)              # (N*N, B, 3, H/N, W/N)
-        chunks = net.position_chunks()
-        total = 0.0
-        for k, chunk in enumerate(chunks):
-            with no_sync(k == len(chunks) - 1) if no_sync else contextlib.nullcontext():
-                with autocast or contextlib.nullcontext():
-                    eps = model(x_t, self.timestep_map[t], y, positions=chunk).float()
-                if self.loss == "mse":
-                    error = (eps - target[chunk]) ** 2                  # (K, B, 3, H/N, W/N)
-                elif self.loss == "l1":
-                    error = (eps - target[chunk]).abs()
-                else:
-                    error = F.smooth_l1_loss(eps, target[chunk], reduction="none")
-                loss = error.sum() / x0.numel()
-                if backward is not None:
-                    backward(loss)
-                    loss = loss.detach()
-            total = total + loss
-        return total
+        target = cut_patches(self.target(x0, noise, t), net.patch_divider)  # (N*N, B, 3, h, w)
 
-    # Copied from ddpm.GaussianDiffusion.sample
-    @torch.no_grad()
-    def sample(self, model, shape, sampler="ddim", steps=50, eta=0.0, y=None, guidance_scale=1.0,
-               seeds=None, trajectory_every=0, progress=False):
-        """Draw samples from noise. `seeds` (one int per image) make every image's noise its own:
-        results do not depend on the batch they were drawn in (EDM, Karras et al. 2022).
-        Returns x_0 in [-1, 1], and the list of intermediate x_t if `trajectory_every` > 0."""
-        device = self.betas.device
-        process = self if steps == self.num_timesteps else self.respace(steps)
-        noise_like = per_image_noise(shape, seeds, device)
-        x = noise_like()
-        trajectory = []
-        indices = range(process.num_timesteps - 1, -1, -1)
-        for k in tqdm(indices, desc="sampling", leave=False, disable=not progress):
-            t = torch.full((shape[0],), k, device=device, dtype=torch.long)
-            eps = guided_eps(model, x, process.timestep_map[t], y, guidance_scale)
-            if sampler == "ddpm":
-                x = process.p_sample_step(x, eps, t, noise_like())
-            else:
-                # Clip x0_hat to the data range, then use the eps consistent with it.
-                x0 = process.predict_x0_from_eps(x, t, eps).clamp(-1, 1)
-                eps = process.predict_eps_from_x0(x, t, x0)
-                x = process.ddim_step(x, eps, k, k - 1, eta, noise_like() if eta > 0 else None)
-            if trajectory_every and (k % trajectory_every == 0 or k == process.num_timesteps - 1):
-                trajectory.append(x.clamp(-1, 1).cpu())
-        return (x, trajectory) if trajectory_every else x
+        def term(chunk):
+            out = model(x_t, self.timestep_map[t], y, positions=chunk).float()  # (K, B, 3, h, w)
+            return self.error(out, target[chunk]).sum() / x0.numel()
+        return [lambda chunk=chunk: term(chunk) for chunk in net.position_chunks()]
 
 
-# Copied from ddpm.build_diffusion
 def build_diffusion(args):
-    """The diffusion process of a resolved configuration (the counterpart of build_model)."""
-    return GaussianDiffusion(make_beta_schedule(args.schedule, args.timesteps), args.loss)
+    """The diffusion process of a checked configuration, with the patch loss of PatchDiffusion."""
+    return PatchDiffusion(make_beta_schedule(args.schedule, args.timesteps), args.prediction,
+                          args.loss, args.variance)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1443,110 +527,361 @@ def build_diffusion(args):
 # ------------------------------------------------------------------------------------------------
 
 
-# Copied from ddpm.guided_eps
-def guided_eps(model, x, t, y, guidance_scale):
-    """Classifier-free guidance: eps = eps(x, null) + s (eps(x, y) - eps(x, null)). This is
-    Ho & Salimans' Eq. 6, (1 + w) eps(x, y) - w eps(x, null), with s = 1 + w: s = 1 is plain
-    conditional sampling (one forward pass); otherwise one batched pass evaluates both."""
+# Copied from ddpm.guided_output
+def guided_output(model, x, t, y, guidance_scale):
+    """Classifier-free guidance (Ho & Salimans Eq. 6): out_u + s (out_c - out_u), which is
+    (1 + w) out_c - w out_u with s = 1 + w; the same for eps, x0 and v (affine in each other).
+    s = 1 is one conditional pass."""
     if y is None or guidance_scale == 1.0:
         return model(x, t, y).float()
     null = torch.full_like(y, model.num_classes)
-    both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).float()
-    eps_c, eps_u = both.chunk(2)                                    # (2B, ...) -> 2 x (B, ...)
-    return eps_u + guidance_scale * (eps_c - eps_u)
+    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).float()
+    out_c, out_u = out.chunk(2)                                     # (2B, ...) -> 2 x (B, ...)
+    return out_u + guidance_scale * (out_c - out_u)
 
 
-# Copied from ddpm.sample_labels
-def sample_labels(args, count, offset=0):
-    """Class labels for `count` images: --class_label, or cycling through the classes."""
-    if not args.num_classes:
-        return None
-    if args.class_label is not None:
-        if not 0 <= args.class_label < args.num_classes:
-            raise UserError(f"--class_label {args.class_label} is not in 0..{args.num_classes - 1}")
-        return torch.full((count,), args.class_label, dtype=torch.long)
-    return (torch.arange(count) + offset) % args.num_classes
+# Copied from ddpm.per_image_noise
+def per_image_noise(shape, seeds, device):
+    """A function drawing noise of `shape` (B, ...), image i from a generator seeded by seeds[i],
+    so an image's noise does not depend on its batch (as in EDM)."""
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    return lambda: torch.stack([torch.randn(shape[1:], generator=g) for g in generators]).to(device)
+
+
+# Copied from ddpm.sample
+@torch.no_grad()
+def sample(model, diffusion, shape, seeds, sampler="ddim", steps=50, eta=0.0, y=None,
+           guidance_scale=1.0, trajectory=None, progress=False):
+    """x_T ~ N(0, I), then `steps` DDPM or DDIM steps of the respaced process to x_0 in [-1, 1].
+    `trajectory` (a list) receives x_t about 25 times along the way."""
+    device = diffusion.betas.device
+    process = diffusion if steps == diffusion.num_timesteps else diffusion.respace(steps)
+    noise = per_image_noise(shape, seeds, device)
+    x, every = noise(), max(1, process.num_timesteps // 25)
+    for k in tqdm(range(process.num_timesteps - 1, -1, -1), "sampling", leave=False,
+                  disable=not progress):
+        t = torch.full((shape[0],), k, device=device, dtype=torch.long)
+        out = guided_output(model, x, process.timestep_map[t], y, guidance_scale)
+        if sampler == "ddpm":
+            x = process.ddpm_step(x, out, t, noise())
+        else:
+            x = process.ddim_step(x, out, t, noise() if eta > 0 else None, eta)
+        if trajectory is not None and k % every == 0:
+            trajectory.append(x.clamp(-1, 1).cpu())
+    return x.clamp(-1, 1)
 
 
 # Copied from ddpm.generate
-def generate(model, diffusion, args, num, device, seed, progress=False, trajectory_every=0):
-    """`num` images in batches of --batch_size; image i uses noise seed (seed, i) whatever the
-    batch size. Returns uint8 (num, 3, H, W) (and the trajectory of the first batch)."""
-    images, trajectory = [], None
-    for start in range(0, num, args.batch_size):
-        count = min(args.batch_size, num - start)
-        y = sample_labels(args, count, start)
-        seeds = [seed * 1_000_003 + i for i in range(start, start + count)]
-        out = diffusion.sample(model, (count, 3, *args.image_size), sampler=args.sampler,
-                               steps=args.sampling_steps, eta=args.eta,
-                               y=None if y is None else y.to(device),
-                               guidance_scale=args.guidance_scale, seeds=seeds, progress=progress,
-                               trajectory_every=trajectory_every if start == 0 else 0)
-        if trajectory_every and start == 0:
-            out, trajectory = out
+def generate(model, diffusion, args, num, steps, seed, trajectory=None, progress=False):
+    """`num` images in batches of --batch_size; image i has noise seed (seed, i) and class
+    --class_label or i mod num_classes, whatever the batch size. -> uint8 (num, 3, H, W)."""
+    device, images = diffusion.betas.device, []
+    for start in tqdm(range(0, num, args.batch_size), "batches", disable=not progress):
+        index = torch.arange(start, min(start + args.batch_size, num))
+        y = None
+        if args.num_classes:
+            y = (index % args.num_classes if args.class_label is None
+                 else torch.full_like(index, args.class_label)).to(device)
+        out = sample(model, diffusion, (len(index), 3, *args.image_size),
+                     [seed * 1_000_003 + i for i in index.tolist()], args.sampler, steps,
+                     args.eta, y, args.guidance_scale, trajectory if start == 0 else None, progress)
         images.append(to_uint8(out).cpu())
-    images = torch.cat(images)
-    return (images, trajectory) if trajectory_every else images
-
-
-# Copied from ddpm.save_gif
-def save_gif(trajectory, path):
-    """The denoising trajectory (list of (B, 3, H, W) in [-1, 1]) as an animated GIF of grids."""
-    frames = [Image.fromarray(make_grid(to_uint8(x))) for x in trajectory]
-    frames += [frames[-1]] * 10                                     # hold the final image
-    tmp = f"{path}.tmp.gif"
-    frames[0].save(tmp, save_all=True, append_images=frames[1:], duration=60, loop=0)
-    os.replace(tmp, path)
-
-
-# Sampling-only flags: `--sample` takes them from the command line or DEFAULTS, never from the
-# training run stored in the checkpoint.
-# Copied from ddpm.NOT_INHERITED
-NOT_INHERITED = ("dataset_path", "output_dir", "resume", "seed", "weights", "save_gif",
-                 "class_label")
+    return torch.cat(images)
 
 
 # Copied from ddpm.sample_main
-def sample_main(namespace):
-    """`--sample`: load a checkpoint, write 00000.png, ... and grid.png to --output_dir. Flags not
-    given on the command line come from the checkpoint's configuration."""
-    if namespace.checkpoint is None:
-        raise UserError("--sample needs --checkpoint PATH")
-    ckpt = load_checkpoint(namespace.checkpoint)
-    base = {k: v for k, v in ckpt["args"].items() if k not in NOT_INHERITED}
-    args = finalize_args(resolve_args(namespace, base=base))
-    args.num_classes = ckpt["args"].get("num_classes", 0)
-    check_compatible(ckpt["args"], args, namespace.checkpoint)
-    if not args.num_classes and (args.class_label is not None or args.guidance_scale != 1.0):
-        raise UserError(f"{namespace.checkpoint} is unconditional: --class_label and "
-                        f"--guidance_scale need a model trained with --class_conditional")
+def sample_main(args, ckpt):
+    """--sample: 00000.png, ... and grid.png (and trajectory.gif) in --output_dir."""
+    if args.num_classes == 0 and (args.class_label is not None or args.guidance_scale != 1.0):
+        raise UserError(f"{args.checkpoint} is unconditional: --class_label and --guidance_scale "
+                        f"need a model trained with --class_conditional")
+    if args.class_label is not None and not 0 <= args.class_label < args.num_classes:
+        raise UserError(f"--class_label {args.class_label} is not in 0..{args.num_classes - 1}")
+    if args.weights == "swa" and ckpt["swa"] is None:
+        raise UserError(f"{args.checkpoint} has no SWA weights (train with --swa)")
     kernels.set_backend(args.kernels)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(args)
-    if args.weights == "ema":
-        model.load_state_dict(ckpt["ema"]["shadow"])
-    elif args.weights == "swa":
-        if ckpt.get("swa") is None:
-            raise UserError(f"{args.checkpoint} has no SWA weights (train with --swa)")
-        averaged = AveragedModel(model)
-        averaged.load_state_dict(ckpt["swa"])
-        model = averaged.module
+    if args.weights == "swa":
+        model = AveragedModel(model)
+        model.load_state_dict(ckpt["swa"])
+        model = model.module
     else:
-        model.load_state_dict(ckpt["model"])
-    model.to(device).eval()
-    diffusion = build_diffusion(args).to(device)
+        model.load_state_dict(ckpt["ema"]["shadow"] if args.weights == "ema" else ckpt["model"])
+    trajectory = [] if args.save_gif else None
+    images = generate(model.to(device).eval(), build_diffusion(args).to(device), args,
+                      args.num_samples, args.sampling_steps, args.seed, trajectory, progress=True)
     os.makedirs(args.output_dir, exist_ok=True)
-    every = max(1, args.sampling_steps // 25) if args.save_gif else 0
-    result = generate(model, diffusion, args, args.num_samples, device, args.seed, progress=True,
-                      trajectory_every=every)
-    images, trajectory = result if args.save_gif else (result, None)
     for i, image in enumerate(images):
         save_png(image.numpy().transpose(1, 2, 0), os.path.join(args.output_dir, f"{i:05d}.png"))
     save_png(make_grid(images), os.path.join(args.output_dir, "grid.png"))
     if trajectory:
-        save_gif(trajectory, os.path.join(args.output_dir, "trajectory.gif"))
+        frames = [Image.fromarray(make_grid(to_uint8(x))) for x in trajectory]
+        path = os.path.join(args.output_dir, "trajectory.gif")
+        frames += frames[-1:] * 10                                  # hold the final image
+        frames[0].save(path + ".tmp.gif", save_all=True, append_images=frames[1:], duration=60,
+                       loop=0)
+        os.replace(path + ".tmp.gif", path)
     print(f"wrote {len(images)} samples and grid.png to {args.output_dir}")
     return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------------
+
+# Copied from ddpm.IMAGE_EXTENSIONS
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+# Copied from ddpm.procedural_landscape
+def procedural_landscape(index, height, width, seed=0):
+    """A built-in training image, drawn in continuous coordinates so any resolution shows the same
+    scene: global structure (sky, horizon, sun, ridges) across the image, detail (rock texture,
+    ripples) at the pixel scale. Only a model that sees across patches keeps the ridges
+    continuous at patch borders. Label 0 is a day palette, 1 dusk. -> (uint8 (3, H, W), label)."""
+    rng = np.random.default_rng([seed, index])
+    label = int(rng.integers(2))
+    y = (np.arange(height)[:, None] + 0.5) / height                # (H, 1), 0 at the top
+    x = (np.arange(width)[None, :] + 0.5) / width                  # (1, W)
+    if label == 0:
+        sky_top, sky_low = np.array([0.20, 0.45, 0.85]), np.array([0.70, 0.85, 0.98])
+        sun_color, rock = np.array([1.0, 0.97, 0.80]), np.array([0.30, 0.38, 0.30])
+    else:
+        sky_top, sky_low = np.array([0.18, 0.12, 0.35]), np.array([0.98, 0.55, 0.25])
+        sun_color, rock = np.array([1.0, 0.75, 0.35]), np.array([0.22, 0.15, 0.22])
+    horizon = rng.uniform(0.55, 0.75)
+    t = np.clip(y / horizon, 0, 1)[..., None]                       # (H, 1, 1)
+    image = sky_top * (1 - t) + sky_low * t + 0 * x[..., None]      # (H, W, 3)
+    sx, sy, sr = rng.uniform(0.15, 0.85), rng.uniform(0.12, horizon - 0.15), rng.uniform(0.05, 0.1)
+    d = np.sqrt(((x - sx) * width / height) ** 2 + (y - sy) ** 2)[..., None]
+    image = image + 0.5 * np.exp(-((d / (2.5 * sr)) ** 2)) * (sun_color - image)   # glow
+    image = np.where(d < sr, sun_color, image)                                      # sun
+    for layer in range(3):                       # ridges: sums of sines; nearer is lower, darker
+        ridge = horizon - 0.25 + 0.08 * layer + np.zeros_like(x)
+        for octave in range(4):
+            freq, phase = (2 ** octave) * rng.uniform(1.0, 2.0), rng.uniform(0, 6.3)
+            ridge = ridge + 0.1 / (1.6 ** octave) * np.sin(2 * np.pi * freq * x + phase)
+        texture = 0.06 * np.sin(2 * np.pi * (37 * x + 23 * y) + rng.uniform(0, 6.3)) \
+            * np.sin(2 * np.pi * (29 * x - 41 * y))
+        color = rock * (0.7 + 0.25 * layer) * (1 - 0.15 * (2 - layer)) + texture[..., None]
+        image = np.where((y > ridge)[..., None], color, image)
+    ripple = 0.05 * np.sin(2 * np.pi * 60 * y + 3 * np.sin(2 * np.pi * 5 * x))[..., None]
+    water = 0.55 * (sky_top * 0.5 + sky_low * 0.5) + ripple + 0 * x[..., None]
+    image = np.where((y > horizon)[..., None], water, image)
+    image = (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
+    return image.transpose(2, 0, 1), label                         # (H, W, 3) -> (3, H, W)
+
+
+# Copied from ddpm.find_images
+def find_images(root, class_conditional):
+    """Image files under `root` (recursive, sorted, symbolic links followed once), with class
+    indices from the top-level subfolder names when `class_conditional`."""
+    paths, seen = [], set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        if os.path.realpath(folder) in seen:                        # a link cycle
+            subfolders.clear()
+            continue
+        seen.add(os.path.realpath(folder))
+        subfolders.sort()
+        paths += [os.path.join(folder, f) for f in sorted(files)
+                  if f.lower().endswith(IMAGE_EXTENSIONS)]
+    if not paths:
+        raise UserError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+    if not class_conditional:
+        return paths, None, []
+    relative = [os.path.relpath(p, root).split(os.sep) for p in paths]
+    at_top = [p for p, r in zip(paths, relative) if len(r) == 1]
+    if at_top:
+        raise UserError(f"--class_conditional needs every image in a class subfolder of {root}; "
+                        f"{len(at_top)} are directly in it (e.g. {at_top[0]})")
+    classes = sorted({r[0] for r in relative})
+    return paths, [classes.index(r[0]) for r in relative], classes
+
+
+# Copied from ddpm.to_rgb
+def to_rgb(image):
+    """Any PIL image -> 8-bit RGB. 16-bit and float grayscale are rescaled (PIL's convert clips
+    them at 255); transparent pixels are composited over white (not the colour under alpha 0)."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16") or array.max() > 255:
+            array = array / 257.0                                   # 65535 -> 255
+        elif image.mode == "F" and array.max() <= 1.0:
+            array = array * 255.0                                   # 1.0 -> 255
+        return Image.fromarray(np.clip(array + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+# Copied from ddpm.load_image
+def load_image(path, height, width):
+    """Decode, upright by EXIF, RGB, resize to cover H x W, centre-crop.
+    -> (uint8 (3, H, W), upscaled?), or None if the file cannot be read."""
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (width, height))                     # JPEG: decode at 1/2..1/8
+            image = to_rgb(ImageOps.exif_transpose(image))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+    w, h = image.size
+    scale = max(height / h, width / w)
+    new_w, new_h = max(width, round(w * scale)), max(height, round(h * scale))
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), Image.BICUBIC if scale > 1 else Image.LANCZOS)
+    left, top = (new_w - width) // 2, (new_h - height) // 2
+    image = image.crop((left, top, left + width, top + height))
+    return np.asarray(image).transpose(2, 0, 1), scale > 1         # (H, W, 3) -> (3, H, W)
+
+
+# Copied from ddpm.build_cache
+def build_cache(base, count, height, width, decode, num_workers):
+    """Decode images 0..count-1 with a thread pool (PIL releases the GIL) into the uint8 array
+    file `base`.npy (N, 3, H, W), written through np.lib.format.open_memmap so the dataset never
+    has to fit in memory. decode(i) -> (uint8 (3, H, W), extra) or None; failed images are
+    dropped, and `base`.json lists the kept ones and their extras. The array gets its name last:
+    an interrupted build is never taken for a finished one."""
+    tmp = f"{base}.{os.getpid()}.tmp.npy"
+    try:
+        array = np.lib.format.open_memmap(tmp, "w+", np.uint8, (count, 3, height, width))
+
+        def work(i):
+            result = decode(i)
+            if result is not None:
+                array[i] = result[0]                                # each thread its own rows
+            return None if result is None else result[1]
+
+        with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
+            extras = list(pool.map(work, range(count)))
+        kept = [i for i, e in enumerate(extras) if e is not None]
+        if not kept:
+            raise UserError(f"none of the {count} image files could be read")
+        if len(kept) < count:                                       # a file of N rows
+            final = np.lib.format.open_memmap(tmp + ".npy", "w+", np.uint8, (len(kept),
+                                                                            *array.shape[1:]))
+            for j, i in enumerate(kept):
+                final[j] = array[i]
+            final.flush()
+            os.replace(tmp + ".npy", tmp)
+        array.flush()
+        with open(base + ".json.tmp", "w") as f:
+            json.dump({"kept": kept, "extras": [extras[i] for i in kept]}, f)
+        os.replace(base + ".json.tmp", base + ".json")
+        os.replace(tmp, base + ".npy")
+    finally:
+        for leftover in (tmp, tmp + ".npy"):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+
+
+# Copied from ddpm.load_dataset
+def load_dataset(args, rank=0, world=1, log=print):
+    """The training images as a read-only memory map uint8 (N, 3, H, W), labels (N,) or None,
+    and the class names. They are decoded once into an array file in --cache_dir named by a hash
+    of what they depend on (a folder's file paths, sizes and modification times, or the built-in
+    dataset's size and seed; the training size): later runs on the same data reuse it, a changed
+    folder gets a new one, and a folder larger than memory trains from disk through the page
+    cache. Under DDP rank 0 builds the file while the others wait; all map the same file."""
+    h, w = args.image_size
+    root = args.dataset_path
+    if root is None:
+        count, classes = args.procedural_size, ["day", "dusk"]
+        source = ["procedural", count, args.seed]
+        decode = lambda i: procedural_landscape(i, h, w, args.seed)  # noqa: E731
+    else:
+        paths, labels, classes = find_images(root, args.class_conditional)
+        count = len(paths)
+        source = [os.path.realpath(root), [[os.path.relpath(p, root), os.stat(p).st_size,
+                                            os.stat(p).st_mtime_ns] for p in paths]]
+        decode = lambda i: load_image(paths[i], h, w)  # noqa: E731
+    key = hashlib.sha256(json.dumps([source, h, w, args.class_conditional]).encode())
+    name = os.path.basename(os.path.abspath(root or "procedural"))
+    base = os.path.join(args.cache_dir, f"{name}-{h}x{w}-{key.hexdigest()[:16]}")
+    if rank == 0 and not os.path.exists(base + ".npy"):
+        os.makedirs(args.cache_dir, exist_ok=True)
+        log(f"decoding {count} images into {base}.npy (once; later runs reuse it)")
+        build_cache(base, count, h, w, decode, args.num_workers)
+    if world > 1:
+        dist.barrier()                                              # rank 0 has built it
+    with open(base + ".json") as f:
+        info = json.load(f)
+    if root is None:
+        labels = info["extras"]                                     # day / dusk
+        log(f"dataset: {count} built-in procedural landscapes at {h}x{w}")
+    else:
+        bad = sorted(set(paths) - {paths[i] for i in info["kept"]})
+        if bad and rank == 0:
+            print(f"{METHOD}.py: warning: skipping {len(bad)} unreadable image file(s): "
+                  + ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""),
+                  file=sys.stderr)
+        labels = labels and [labels[i] for i in info["kept"]]
+        log(f"dataset: {len(info['kept'])} images from {root}, {len(bad)} skipped, "
+            f"{sum(info['extras'])} upscaled to {h}x{w}"
+            + (f", classes: {', '.join(classes)}" if labels else ""))
+    images = np.load(base + ".npy", mmap_mode="r")
+    if not args.class_conditional:
+        return images, None, []
+    return images, torch.tensor(labels), classes
+
+
+# Copied from ddpm.batch_indices
+def batch_indices(k, num_images, batch_size, seed, rank=0, world=1):
+    """The images of a rank's micro-batch k, a function of (seed, k, rank) only: a resumed run
+    continues at micro-batch step * accumulation_iters. Epoch e visits the images in the order of
+    a permutation seeded by (seed, e); rank r of `world` takes every world-th position."""
+    positions = (k * batch_size + torch.arange(batch_size)) * world + rank
+    return torch.stack([epoch_order(num_images, seed, int(p) // num_images)[int(p) % num_images]
+                        for p in positions])
+
+
+# Copied from ddpm.epoch_order
+@functools.lru_cache(maxsize=4)                                     # a batch spans <= 2 epochs
+def epoch_order(num_images, seed, epoch):
+    return torch.randperm(num_images, generator=torch.Generator().manual_seed(seed * 100_003
+                                                                             + epoch))
+
+
+# Copied from ddpm.make_batch
+def make_batch(images, labels, indices, args, device):
+    """uint8 (N, 3, H, W) -> x_0 in [-1, 1], flipped at random (--hflip), and labels replaced by
+    the null label with probability --label_dropout (Ho & Salimans Algorithm 1), drawn per image
+    from the global torch generator (whose state the checkpoint saves)."""
+    x = torch.from_numpy(images[indices.numpy()]).to(device).float() / 127.5 - 1.0
+    if args.hflip:
+        flip = (torch.rand(x.shape[0]) < 0.5).to(device)
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)    # flip(3): mirror W
+    if labels is None:
+        return x, None
+    drop = torch.rand(len(indices)) < args.label_dropout
+    return x, torch.where(drop, args.num_classes, labels[indices]).to(device)
+
+
+# Copied from ddpm.make_grid
+def make_grid(images, padding=2):
+    """uint8 (N, 3, H, W) -> one uint8 (H', W', 3) grid, as square as possible."""
+    n, c, h, w = images.shape
+    cols = math.ceil(math.sqrt(n))
+    grid = np.full((math.ceil(n / cols) * (h + padding) + padding, cols * (w + padding) + padding,
+                    c), 255, dtype=np.uint8)
+    for i, image in enumerate(images.cpu().numpy()):
+        top, left = padding + i // cols * (h + padding), padding + i % cols * (w + padding)
+        grid[top:top + h, left:left + w] = image.transpose(1, 2, 0)   # (3, h, w) -> (h, w, 3)
+    return grid
+
+
+# Copied from ddpm.to_uint8
+def to_uint8(x):
+    """[-1, 1] -> uint8, the inverse of make_batch's scaling."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5 + 0.5).to(torch.uint8)
+
+
+# Copied from ddpm.save_png
+def save_png(array, path):
+    """Write a uint8 (H, W, 3) array atomically (temporary file, then rename)."""
+    Image.fromarray(array).save(f"{path}.tmp.png")
+    os.replace(f"{path}.tmp.png", path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1554,12 +889,16 @@ def sample_main(namespace):
 # ------------------------------------------------------------------------------------------------
 
 
+# Copied from ddpm.TrainingDiverged
+class TrainingDiverged(Exception):
+    """Training keeps producing non-finite gradients: main() prints it and exits with status 1."""
+
+
 # Copied from ddpm.EMA
 class EMA:
-    """Exponential moving average of the weights (Ho et al. Sec. 4 use decay 0.9999):
-    shadow <- decay * shadow + (1 - decay) * weights, after `start` optimizer steps of plain
-    copying (early weights are poor; averaging them slows the start). The number of updates is
-    saved with the checkpoint (quickgrid lost it, so the EMA restarted after every resume)."""
+    """Exponential moving average of the weights (Ho et al. Sec. 4): shadow <- decay shadow +
+    (1 - decay) weights, after `start` steps of copying (early weights are poor). The update
+    count is saved, so a resumed EMA continues where it was."""
 
     def __init__(self, model, decay, start):
         self.decay, self.start, self.num_updates = decay, start, 0
@@ -1576,8 +915,7 @@ class EMA:
                 value.lerp_(weights[name], 1.0 - self.decay)
 
     def state_dict(self):
-        return {"decay": self.decay, "start": self.start, "num_updates": self.num_updates,
-                "shadow": self.shadow.state_dict()}
+        return {"num_updates": self.num_updates, "shadow": self.shadow.state_dict()}
 
     def load_state_dict(self, state):
         self.num_updates = state["num_updates"]
@@ -1586,24 +924,20 @@ class EMA:
 
 # Copied from ddpm.lr_lambda
 def lr_lambda(step, warmup_steps, max_steps, schedule):
-    """Learning-rate factor: linear warmup over `warmup_steps`, then cosine decay to 0 at
-    `max_steps` or constant."""
+    """Linear warmup over `warmup_steps`, then cosine decay to 0 at `max_steps`, or constant."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
     progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return 0.5 * (1 + math.cos(math.pi * progress))
+    return 1.0 if schedule == "constant" else 0.5 * (1 + math.cos(math.pi * progress))
 
 
 # Copied from ddpm.rng_state
 def rng_state():
-    """Every random generator the run draws from (saved for an exact resume)."""
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-            "python": random.getstate()}
+    """Every generator a run draws from, as tensors and lists (for weights_only loading)."""
+    name, keys, *rest = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), *rest],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 # Copied from ddpm.set_rng_state
@@ -1613,41 +947,20 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    random.setstate(state["python"])
-
-
-# Copied from ddpm._tuples
-def _tuples(value):
-    """Lists back to tuples, as random.setstate needs (the checkpoint stores lists)."""
-    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
 
 
 # Copied from ddpm.save_checkpoint
 def save_checkpoint(path, state):
     """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-# Copied from ddpm.link_atomically
-def link_atomically(source, path):
-    """Make `path` the same file as `source` (a hard link: no second copy on disk; a copy where the
-    file system has no links), replacing it atomically."""
-    tmp = f"{path}.tmp"
-    if os.path.lexists(tmp):
-        os.remove(tmp)
-    try:
-        os.link(source, tmp)
-    except OSError:
-        shutil.copyfile(source, tmp)
-    os.replace(tmp, path)
+    torch.save(state, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
 
 
 # Copied from ddpm.load_checkpoint
 def load_checkpoint(path):
-    """Load and validate a checkpoint written by this script (weights_only: no code runs)."""
+    """Load and validate a checkpoint of this script (weights_only: no code runs)."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
     try:
@@ -1663,7 +976,6 @@ def load_checkpoint(path):
     if ckpt.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path} has checkpoint format {ckpt.get('format_version')}; this "
                         f"script reads format {FORMAT_VERSION}")
-    ckpt["rng"]["python"] = _tuples(ckpt["rng"]["python"])
     return ckpt
 
 
@@ -1672,7 +984,7 @@ def load_checkpoint(path):
 # not, and sampling with another --patch_batch than training gives the same images.
 ARCHITECTURE_KEYS = ("image_size", "base_channels", "channel_mults", "num_res_blocks",
                      "attention_resolutions", "num_heads", "num_classes", "schedule", "timesteps",
-                     "class_conditional", "patch_divider")
+                     "prediction", "class_conditional", "patch_divider")
 
 
 # Copied from ddpm.check_compatible
@@ -1680,282 +992,511 @@ def check_compatible(ckpt_args, args, path, keys=ARCHITECTURE_KEYS):
     different = [f"--{k} {ckpt_args.get(k)} (checkpoint) vs {getattr(args, k)} (now)"
                  for k in keys if ckpt_args.get(k) != getattr(args, k)]
     if different:
-        raise UserError(f"{path} was trained with a different configuration: "
-                        + "; ".join(different))
+        raise UserError(f"{path} was trained with another configuration: " + "; ".join(different))
 
 
 # Copied from ddpm.setup_distributed
 def setup_distributed():
-    """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is a single process.
-    NCCL on GPUs, gloo on CPUs."""
+    """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is one process. NCCL on
+    GPUs, gloo on CPUs."""
+    cuda = torch.cuda.is_available()
     if "RANK" not in os.environ:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return 0, 1, device
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, dist.get_world_size(), device
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 # Copied from ddpm.peak_memory_mb
 def peak_memory_mb(device):
-    """CUDA allocator peak on a GPU; the process's peak resident memory on a CPU."""
+    """The CUDA allocator's peak on a GPU; the process's peak resident memory on a CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    if resource is None:                                            # Windows
-        return float("nan")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024  # macOS: bytes; Linux: KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024       # Linux: KiB
 
 
-# Copied from ddpm.preview
-def preview(model, diffusion, args, device, step, writer):
-    """A grid from the EMA weights on fixed noise seeds: comparable from step to step."""
-    images = generate(model, diffusion, args, args.num_samples, device, seed=args.seed)
-    grid = make_grid(images)
-    save_png(grid, os.path.join(args.output_dir, "samples", f"step_{step}.png"))
-    writer.add_image("samples", grid, step, dataformats="HWC")
-
-
-# Copied from ddpm.resume_checkpoint
-def resume_checkpoint(namespace):
-    """The checkpoint `--resume` names (`latest`: OUTPUT_DIR/checkpoints/last.pt), loaded and
-    validated before any other work. Returns (path, checkpoint)."""
-    if namespace.resume != "latest":
-        return namespace.resume, load_checkpoint(namespace.resume)
-    folder = os.path.join(namespace.output_dir or os.path.join("runs", METHOD), "checkpoints")
-    path = os.path.join(folder, "last.pt")
-    if not os.path.isfile(path):
-        raise UserError(f"--resume latest: no checkpoint in {folder} yet; start without --resume")
-    return path, load_checkpoint(path)
-
-
-def micro_batch_step(model, diffusion, x0, y, args, scaler, autocast, sync):
-    """Forward and backward of one micro-batch, patch chunk by patch chunk: the loss of each
-    chunk is backpropagated as soon as it is computed, so only one chunk's activations are alive
-    (the memory saving of the method; ddpm.py runs one forward and one backward here). Under DDP
-    only the last chunk of a micro-batch with `sync` all-reduces (DDP decides at forward time, so
-    each chunk's forward runs in its no_sync context too). Returns this micro-batch's share of the
-    step's loss."""
-    def no_sync(last_chunk):
-        if (sync and last_chunk) or not isinstance(model, DistributedDataParallel):
-            return contextlib.nullcontext()
-        return model.no_sync()
-
-    loss = diffusion.training_loss(
-        model, x0, y, no_sync=no_sync, autocast=autocast,
-        backward=lambda chunk_loss: scaler.scale(chunk_loss / args.accumulation_iters).backward())
-    return loss.item() / args.accumulation_iters
-
-
-# Copied from ddpm.train
-def train(args, ckpt=None, ckpt_path=None):
-    """The training loop. `ckpt` (from resume_checkpoint) continues a run where it stopped."""
-    rank, world, device = setup_distributed()
-    log = print if rank == 0 else (lambda *a, **k: None)
-    kernels.set_backend(args.kernels)
-    if ckpt is not None:                                            # flags given explicitly
-        check_compatible(ckpt["args"], args, ckpt_path,
-                         [k for k in ARCHITECTURE_KEYS if k != "num_classes"])
-    images, labels, classes = load_dataset(args, log)
-    args.num_classes = len(classes) if args.class_conditional else 0
-    if len(images) < args.batch_size * world:
-        log(f"{METHOD}.py: warning: {len(images)} images for {args.batch_size * world} per "
-            f"micro-batch: every batch repeats images", file=sys.stderr)
-    if ckpt is not None:                                            # a dataset with other classes
-        check_compatible(ckpt["args"], args, ckpt_path, ["num_classes"])
-
-    torch.manual_seed(args.seed)                                    # the same weights on every rank
-    model = build_model(args).to(device)
-    ema = EMA(model, args.ema_decay, args.ema_start)
-    swa = AveragedModel(model) if args.swa else None
+# Copied from ddpm.build_run
+def build_run(args, ckpt, device, rank, world):
+    """Everything a run trains: model (DDP-wrapped when world > 1), EMA, SWA, optimizer, LR
+    schedule, GradScaler (fp16 only), diffusion and step, restored from `ckpt` when resuming."""
+    torch.manual_seed(args.seed)                                    # the same weights everywhere
+    raw = build_model(args).to(device)
+    run = argparse.Namespace(raw=raw, ema=EMA(raw, args.ema_decay, args.ema_start), step=0,
+                             swa=AveragedModel(raw) if args.swa else None, nonfinite=0, skipped=0,
+                             diffusion=build_diffusion(args).to(device))
+    run.optimizer = torch.optim.AdamW(raw.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(
+        run.optimizer, lambda s: lr_lambda(s, args.warmup_steps, args.max_steps, args.lr_schedule))
+    run.scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     torch.manual_seed(args.seed + rank)                             # noise, t, flips, dropout
     np.random.seed(args.seed + rank)
     random.seed(args.seed + rank)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_lambda(s, args.warmup_steps, args.max_steps, args.lr_schedule))
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    diffusion = build_diffusion(args).to(device)
-    step = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        if swa is not None and ckpt.get("swa") is not None:
-            swa.load_state_dict(ckpt["swa"])
-        # load_state_dict restores the checkpoint's hyperparameters (lr, weight decay, betas,
-        # eps) with the moments; the ones this run was built with are put back afterwards, so an
-        # explicit flag on resume takes effect from here on (without one they are equal anyway).
-        current = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["lr_scheduler"])
-        if ckpt["scaler"] and scaler.is_enabled():                  # empty unless fp16 before
-            scaler.load_state_dict(ckpt["scaler"])
-        step = ckpt["step"]
-        scheduler.base_lrs = [args.lr] * len(optimizer.param_groups)
-        for group, hyperparameters in zip(optimizer.param_groups, current):
-            group.update(hyperparameters)
-            group["lr"] = args.lr * lr_lambda(step, args.warmup_steps, args.max_steps,
-                                              args.lr_schedule)
-        if world == 1:
-            # Only rank 0's generators are saved, so a resumed multi-process run continues with
-            # fresh per-rank streams: statistically the same run, not bitwise.
-            set_rng_state(ckpt["rng"])
-        log(f"resumed from {ckpt_path} at step {step} (EMA updates: {ema.num_updates})")
-    if world > 1:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                        else None)
-    raw_model = model.module if world > 1 else model
-    stream = BatchStream(len(images), args.batch_size, args.seed, rank, world)
-    micro_batches = args.max_steps * args.accumulation_iters      # in the whole run, per rank
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
-    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                else contextlib.nullcontext())
+        raw.load_state_dict(ckpt["model"])
+        run.ema.load_state_dict(ckpt["ema"])
+        if run.swa is not None and ckpt["swa"] is not None:
+            run.swa.load_state_dict(ckpt["swa"])
+        # load_state_dict restores the saved hyperparameters with the moments; the ones given
+        # now are put back, so an explicit --lr or --weight_decay on resume takes effect.
+        given = [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        run.scheduler.load_state_dict(ckpt["lr_scheduler"])
+        run.step = run.scheduler.last_epoch = ckpt["step"]
+        run.scheduler.base_lrs = [args.lr] * len(given)
+        for group, hyperparameters in zip(run.optimizer.param_groups, given):
+            group.update(hyperparameters, lr=args.lr * run.scheduler.lr_lambdas[0](run.step))
+        if ckpt["scaler"] and run.scaler.is_enabled():
+            run.scaler.load_state_dict(ckpt["scaler"])
+        if world == 1:               # only rank 0's generators are saved: under DDP a resumed
+            set_rng_state(ckpt["rng"])  # run is statistically the same, not bitwise
+    run.model = raw if world == 1 else DistributedDataParallel(
+        raw, device_ids=[device.index] if device.type == "cuda" else None)
+    return run
 
-    writer = None
+
+# Copied from ddpm.micro_batch_step
+def micro_batch_step(model, diffusion, x0, y, args, scaler, autocast, sync):
+    """Forward and backward of one micro-batch, one loss term at a time (training_losses);
+    gradients accumulate. Under DDP only the last term of a micro-batch with `sync` all-reduces
+    (DDP decides at forward time, so the forward runs in no_sync too). Returns the loss share."""
+    terms, total = diffusion.training_losses(model, x0, y), 0.0
+    for i, term in enumerate(terms):
+        no_sync = isinstance(model, DistributedDataParallel) and not (sync and i == len(terms) - 1)
+        with model.no_sync() if no_sync else contextlib.nullcontext():
+            with autocast:
+                loss = term() / args.accumulation_iters
+            scaler.scale(loss).backward()
+        total += loss.item()
+    return total
+
+
+# Copied from ddpm.optimizer_step
+def optimizer_step(run, args):
+    """Unscale, clip, step (skipped on a non-finite gradient), then the LR schedule, EMA and SWA.
+    Returns the gradient norm and the learning rate this step used."""
+    run.scaler.unscale_(run.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.raw.parameters(), args.grad_clip or math.inf)
+    if torch.isfinite(grad_norm):
+        run.nonfinite = 0
+        run.scaler.step(run.optimizer)
+    else:              # gradients are all-reduced: every rank skips together; fp16's scaler
+        run.nonfinite, run.skipped = run.nonfinite + 1, run.skipped + 1   # lowers its scale
+        if run.nonfinite >= args.max_nonfinite_steps:
+            raise TrainingDiverged(f"{run.nonfinite} consecutive steps with non-finite gradients "
+                                   f"at step {run.step}; lower --lr, or use --precision bf16/fp32")
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    lr = run.optimizer.param_groups[0]["lr"]
+    run.scheduler.step()
+    run.step += 1
+    run.ema.update(run.raw)
+    if run.swa is not None and run.step > args.swa_start:
+        run.swa.update_parameters(run.raw)
+    return float(grad_norm), lr
+
+
+# Copied from ddpm.save_run
+def save_run(run, args):
+    """checkpoints/step_<N>.pt and checkpoints/last.pt, each written atomically."""
+    state = {"model": run.raw.state_dict(), "ema": run.ema.state_dict(),
+             "swa": run.swa.state_dict() if run.swa is not None else None,
+             "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
+             "lr_scheduler": run.scheduler.state_dict(), "step": run.step, "args": vars(args),
+             "rng": rng_state(), "method": METHOD, "format_version": FORMAT_VERSION}
+    for name in (f"step_{run.step}.pt", "last.pt"):
+        save_checkpoint(os.path.join(args.output_dir, "checkpoints", name), state)
+
+
+# Copied from ddpm.preview
+def preview(run, args, writer, progress):
+    """samples/step_<N>.png: --preview_samples images of the EMA weights in --preview_steps
+    steps, on fixed seeds, so that grids are comparable from step to step."""
+    grid = make_grid(generate(run.ema.shadow, run.diffusion, args, args.preview_samples,
+                              args.preview_steps, args.seed, progress=progress))
+    save_png(grid, os.path.join(args.output_dir, "samples", f"step_{run.step}.png"))
+    writer.add_image("samples", grid, run.step, dataformats="HWC")
+
+
+# Copied from ddpm.Progress
+class Progress:
+    """Rank 0's tqdm bar, and TensorBoard scalars every --log_every steps; when the output is not
+    a terminal (a log file, nohup) the bar is off and the same numbers are printed instead.
+    Images/s counts the training steps' own time: previews and saves are left out."""
+
+    def __init__(self, args, step, world, writer):
+        self.args, self.world, self.writer = args, world, writer
+        self.bar = tqdm(total=args.max_steps, initial=step, desc=METHOD, disable=None)
+        self.steps, self.loss, self.seconds = 0, 0.0, 0.0
+
+    def update(self, run, loss, seconds, grad_norm, lr, device):
+        self.bar.update(1)
+        self.steps, self.loss, self.seconds = self.steps + 1, self.loss + loss, \
+            self.seconds + seconds
+        if run.step % self.args.log_every and run.step != self.args.max_steps:
+            return
+        ips = self.steps * self.args.batch_size * self.args.accumulation_iters * self.world \
+            / self.seconds
+        scalars = {"loss": self.loss / self.steps, "lr": lr, "grad_norm": grad_norm,
+                   "images_per_sec": ips, "peak_memory_mb": peak_memory_mb(device),
+                   "nonfinite_steps": run.skipped}
+        for name, value in scalars.items():
+            self.writer.add_scalar(f"train/{name}", value, run.step)
+        line = f"loss {scalars['loss']:.4f} lr {lr:.2e} {ips:.1f} img/s"
+        self.bar.set_postfix_str(line)
+        if self.bar.disable:
+            eta = self.seconds / self.steps * (self.args.max_steps - run.step) / 60
+            print(f"step {run.step}/{self.args.max_steps} {line} ETA {eta:.1f} min", flush=True)
+        self.steps, self.loss, self.seconds = 0, 0.0, 0.0
+
+
+# Copied from ddpm.train
+def train(args, ckpt=None):
+    """The training loop: batches, micro-batch steps, optimizer steps, logs, previews, saves."""
+    rank, world, device = setup_distributed()
+    log = print if rank == 0 else (lambda *a, **k: None)
+    kernels.set_backend(args.kernels)
+    images, labels, classes = load_dataset(args, rank, world, log)
+    args.num_classes = len(classes)
+    if ckpt is not None:                                            # the folder's classes changed
+        check_compatible(ckpt["args"], args, args.resume, ["num_classes"])
+    if len(images) < args.batch_size * world:
+        log(f"{METHOD}.py: warning: {len(images)} images for {args.batch_size * world} per "
+            f"micro-batch: every batch repeats images", file=sys.stderr)
+    run = build_run(args, ckpt, device, rank, world)
     if rank == 0:
-        os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
+        for folder in ("samples", "checkpoints"):
+            os.makedirs(os.path.join(args.output_dir, folder), exist_ok=True)
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(args_dict(args), f, indent=2)
+            json.dump(vars(args), f, indent=2)
         writer = SummaryWriter(args.output_dir)
-        log(f"{METHOD}: {count_parameters(raw_model) / 1e6:.2f}M parameters, {world} process(es) "
-            f"on {device}, {args.batch_size * args.accumulation_iters * world} images per step")
-
-    def checkpoint():
-        state = {"model": raw_model.state_dict(), "ema": ema.state_dict(),
-                 "swa": swa.state_dict() if swa is not None else None,
-                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "lr_scheduler": scheduler.state_dict(), "step": step,
-                 "args": args_dict(args), "rng": rng_state(), "method": METHOD,
-                 "format_version": FORMAT_VERSION}
-        folder = os.path.join(args.output_dir, "checkpoints")
-        save_checkpoint(os.path.join(folder, f"step_{step}.pt"), state)
-        link_atomically(os.path.join(folder, f"step_{step}.pt"), os.path.join(folder, "last.pt"))
-
-    nonfinite, skipped = 0, 0
-    bar = tqdm(total=args.max_steps, initial=step, desc=METHOD,
-               disable=True if rank != 0 else None)          # None: off when not a terminal
-    started = tick = time.perf_counter()
-    tick_step, interval_loss, paused = step, 0.0, 0.0              # since the last log line
-    model.train()
-    while step < args.max_steps:
-        loss_sum = 0.0
+        progress = Progress(args, run.step, world, writer)
+        log(f"{METHOD}: {sum(p.numel() for p in run.raw.parameters()) / 1e6:.2f}M parameters, "
+            f"{world} process(es) on {device}, {args.batch_size * args.accumulation_iters * world}"
+            f" images per step" + (f", resumed at step {run.step}" if ckpt else ""))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    run.model.train()
+    while run.step < args.max_steps:
+        loss, start = 0.0, time.perf_counter()
         for micro in range(args.accumulation_iters):
-            k = step * args.accumulation_iters + micro              # this rank's micro-batch k
-            x0, y = make_batch(images, labels, stream.indices(k), args.hflip, device)
-            if isinstance(images, StreamedImageFolder):             # decode k+1, k+2 meanwhile
-                images.prefetch(stream.indices(j) for j in range(k + 1, min(k + 3, micro_batches)))
-            # DDP all-reduces gradients only in the backward of the last micro-batch.
-            sync = micro == args.accumulation_iters - 1 or world == 1
-            loss_sum += micro_batch_step(model, diffusion, x0, y, args, scaler, autocast, sync)
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            model.parameters(), args.grad_clip if args.grad_clip > 0 else math.inf)
-        if torch.isfinite(grad_norm):
-            nonfinite = 0
-            scaler.step(optimizer)
-        else:
-            # Skip the update. Gradients are all-reduced, so every rank takes this branch together;
-            # with fp16 the GradScaler also lowers its scale in update() below.
-            nonfinite, skipped = nonfinite + 1, skipped + 1
-            if nonfinite >= args.max_nonfinite_steps:
-                raise TrainingDiverged(f"{nonfinite} consecutive steps with non-finite gradients "
-                                       f"at step {step}; lower --lr, or use --precision bf16/fp32")
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        lr = optimizer.param_groups[0]["lr"]                        # the rate this step used
-        scheduler.step()
-        step += 1
-        ema.update(raw_model)
-        if swa is not None and step > args.swa_start:
-            swa.update_parameters(raw_model)
-
-        if rank == 0:                                               # rank 0's loss and speed
-            bar.update(1)
-            interval_loss += loss_sum
-            if step % args.log_every == 0 or step == args.max_steps:
-                now = time.perf_counter()
-                seen = (step - tick_step) * args.batch_size * args.accumulation_iters * world
-                ips = seen / (now - tick - paused)                  # previews and saves excluded
-                mean_loss = interval_loss / (step - tick_step)
-                tick, tick_step, interval_loss, paused = now, step, 0.0, 0.0
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
-                scalars = {"loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm),
-                           "images_per_sec": ips, "peak_memory_mb": peak_memory_mb(device),
-                           "nonfinite_steps": skipped}
-                for name, value in scalars.items():
-                    writer.add_scalar(f"train/{name}", value, step)
-            pause_start = time.perf_counter()
-            if step % args.sample_every == 0 or step == args.max_steps:
-                if bar.disable:                                     # a log file, not a terminal
-                    log(f"step {step}/{args.max_steps} loss {loss_sum:.4f} lr {lr:.2e} "
-                        f"{time.perf_counter() - started:.0f}s")
-                preview(ema.shadow, diffusion, args, device, step, writer)
-            if step % args.save_every == 0 or step == args.max_steps:
-                checkpoint()
-            paused += time.perf_counter() - pause_start
-    bar.close()
+            k = run.step * args.accumulation_iters + micro          # this rank's micro-batch k
+            x0, y = make_batch(images, labels, batch_indices(k, len(images), args.batch_size,
+                                                             args.seed, rank, world), args, device)
+            sync = micro == args.accumulation_iters - 1             # all-reduce in the last one
+            loss += micro_batch_step(run.model, run.diffusion, x0, y, args, run.scaler, autocast,
+                                     sync)
+        grad_norm, lr = optimizer_step(run, args)
+        if rank == 0:
+            progress.update(run, loss, time.perf_counter() - start, grad_norm, lr, device)
+            last = run.step == args.max_steps
+            if run.step % args.sample_every == 0 or last:
+                preview(run, args, writer, progress=not progress.bar.disable)
+            if run.step % args.save_every == 0 or last:
+                save_run(run, args)
     if rank == 0:
+        progress.bar.close()
         writer.close()
-        log(f"done: {step} steps, checkpoint in {os.path.join(args.output_dir, 'checkpoints')}"
-            + (f", {skipped} steps skipped for non-finite gradients" if skipped else ""))
+        log(f"done: {run.step} steps, checkpoints in {args.output_dir}/checkpoints"
+            + (f", {run.skipped} steps skipped for non-finite gradients" if run.skipped else ""))
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
     return 0
 
 
-# Copied from ddpm.count_parameters
-def count_parameters(model):
-    return sum(p.numel() for p in model.parameters())
+# ------------------------------------------------------------------------------------------------
+# Configuration and CLI
+# ------------------------------------------------------------------------------------------------
+
+# `--preset paper`: the original code's only shipped configuration, configs/config_patch_divider=4
+# .json (CelebA 128 x 128 in 4 x 4 patches of 32 x 32): U-Net width 128 with multipliers 1,2,4,8,
+# batch 32, 100k steps, Adam lr 1e-4 without schedule, warmup or gradient clipping, cosine schedule
+# with T = 1000, L1 loss (build_parser's default), horizontal flips, seed 1234, checkpoints and
+# samples every 2000 steps, 1000 ancestral steps with sigma_t^2 = beta~_t (its clipped posterior
+# variance; ddpm.py's default). Where we differ from the original code:
+# - Batch: its 32 is the global batch (accelerate's split_batches=True divides it among the GPUs);
+#   --batch_size here is per process: on 4 GPUs pass --batch_size 8 to match.
+# - EMA: it updates an EMA of decay 0.995 every 10 steps and copies the weights before step 2000.
+#   We update every step, with the decay that averages over the same horizon: 0.995 ** (1 / 10).
+# - Blocks: its U-Net (an early lucidrains one) has ResNet blocks with GroupNorm(8) and linear
+#   attention at every level. Ours are ddpm.py's ADM blocks (the same for every method here) with
+#   full attention at the three lower levels (16, 8, 4), not at 32 x 32; the middle block has full
+#   attention in both. Optimizer: AdamW with weight decay 0, which is Adam.
+PRESETS = {
+    "quick": {},
+    "paper": dict(image_size="128", base_channels=128, channel_mults="1,2,4,8", num_res_blocks=2,
+                  attention_resolutions="16,8,4", patch_divider=4, batch_size=32,
+                  max_steps=100_000, lr=1e-4, lr_schedule="constant", warmup_steps=0,
+                  grad_clip=0.0, ema_decay=0.995 ** 0.1, ema_start=2000, seed=1234,
+                  save_every=2000, sample_every=2000, sampler="ddpm", sampling_steps=1000),
+}
 
 
-# Copied from ddpm.args_dict
-def args_dict(args):
-    """The resolved configuration as JSON-friendly values (for args.json and checkpoints)."""
-    return {k: v for k, v in vars(args).items() if k not in ("sample", "checkpoint", "dry_run")}
+# Copied from ddpm.paper_channel_mults
+def paper_channel_mults(height, width):
+    """Ho et al.: (1,2,2,2) at 32x32, (1,1,2,2,4,4) at 256x256; improved DDPM: (1,2,3,4) at 64x64,
+    (1,1,2,3,4) at 128x128. Other sizes take the nearest smaller one."""
+    side = min(height, width)
+    return ([1, 1, 2, 2, 4, 4] if side >= 256 else [1, 1, 2, 3, 4] if side >= 128
+            else [1, 2, 3, 4] if side >= 64 else [1, 2, 2, 2])
+
+
+# Copied from ddpm.Parser
+class Parser(argparse.ArgumentParser):
+    """argparse that reports an error as one line and exit status 2 (through UserError)."""
+
+    def error(self, message):
+        raise UserError(message)
+
+
+# Copied from ddpm.at_least
+def at_least(low, kind=int):
+    """An argparse type: a number of `kind` that is at least `low` (NaN is refused too)."""
+    def number(text):
+        if not kind(text) >= low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        return kind(text)
+    return number
+
+
+# Copied from ddpm.numbers
+def numbers(kind):
+    """An argparse type: '1,2,2' -> [1, 2, 2] (whole numbers as int)."""
+    def number_list(text):
+        values = [kind(v) for v in text.split(",") if v.strip()]
+        return [int(v) if float(v).is_integer() else v for v in values]
+    return number_list
+
+
+# Copied from ddpm.image_size
+def image_size(text):
+    """An argparse type: 'N' or 'HxW' -> [H, W]."""
+    size = [int(v) for v in text.lower().split("x")]
+    if len(size) > 2 or min(size) < 1:
+        raise argparse.ArgumentTypeError(f"must be N or HxW with positive sides, got {text}")
+    return size * (3 - len(size))
+
+
+# Copied from ddpm.fraction
+def fraction(text):
+    """An argparse type: a probability or decay in [0, 1)."""
+    if not 0.0 <= float(text) < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return float(text)
+
+
+# Copied from ddpm.add_flag
+def add_flag(parser, groups, group, name, default=None, help="", **kw):
+    """parser.add_argument in argument group `group`; a bool default makes --name and --no_name."""
+    g = groups.setdefault(group, parser.add_argument_group(group))
+    if isinstance(default, bool):
+        g.add_argument(f"--{name}", action="store_true", default=default, help=help)
+        return g.add_argument(f"--no_{name}", dest=name, action="store_false",
+                              help=argparse.SUPPRESS)
+    return g.add_argument(f"--{name}", default=default, help=help, **kw)
+
+
+# Copied from ddpm.build_parser with build_parser->build_shared_parser
+def build_shared_parser():
+    """Every flag, its default (the quick preset) shown in --help. A preset, and a resumed run's
+    configuration, are applied with set_defaults by parse_args."""
+    p = Parser(prog=f"{METHOD}.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+               description="Train on a folder of images (or the built-in landscapes), or sample "
+               "a checkpoint with --sample. Explicit flags override --preset.")
+    p.set_defaults(num_classes=0)
+    add = functools.partial(add_flag, p, {})
+
+    add("mode", "preset", "quick", "quick: minutes on a 2-core CPU; paper: the published setup",
+        choices=sorted(PRESETS))
+    add("mode", "sample", False, "sample --checkpoint instead of training")
+    add("mode", "checkpoint", help="checkpoint to sample (with --sample)")
+    add("mode", "dry_run", False, "print the resolved configuration and exit")
+    add("data", "dataset_path", help="image folder (recursive); none: built-in landscapes")
+    add("data", "cache_dir", os.path.join("runs", "cache"), "where decoded datasets are kept")
+    add("data", "image_size", "32", "training resolution, N or HxW", type=image_size)
+    add("data", "class_conditional", False, "top-level subfolders are classes (built-in: 2)")
+    add("data", "hflip", True, "random horizontal flips (--no_hflip: off)")
+    add("data", "procedural_size", 4096, "number of built-in images", type=at_least(1))
+    add("data", "num_workers", 4, "threads that decode images into the cache", type=at_least(1))
+    add("model", "base_channels", 32, "width at level 0", type=at_least(1))
+    add("model", "channel_mults", "1,2,2", "width multiplier per level (paper: per size)",
+        type=numbers(float))
+    add("model", "num_res_blocks", 1, "ResBlocks per level", type=at_least(1))
+    add("model", "attention_resolutions", "8", "feature-map sides with self-attention",
+        type=numbers(int))
+    add("model", "num_heads", 4, "attention heads", type=at_least(1))
+    add("model", "dropout", 0.0, "dropout in the ResBlocks", type=fraction)
+    add("model", "label_dropout", 0.1, "null-label probability in training", type=fraction)
+    add("diffusion", "schedule", "cosine", "noise schedule", choices=["linear", "cosine"])
+    add("diffusion", "timesteps", 1000, "diffusion steps T", type=at_least(2))
+    add("diffusion", "prediction", "eps", "network output", choices=["eps", "x0", "v"])
+    add("diffusion", "loss", "mse", "elementwise error", choices=["mse", "l1", "huber"])
+    add("diffusion", "variance", "small", "ancestral sigma_t^2: beta~_t (small) or beta_t",
+        choices=["small", "large"])
+    add("optimisation", "batch_size", 32, "images per micro-batch and process; sampling batch",
+        type=at_least(1))
+    add("optimisation", "accumulation_iters", 1, "micro-batches per step", type=at_least(1))
+    add("optimisation", "max_steps", 1200, "optimizer steps", type=at_least(1))
+    add("optimisation", "lr", 1e-3, "peak AdamW learning rate", type=at_least(0.0, float))
+    add("optimisation", "lr_schedule", "cosine", "after warmup: cosine to 0, or constant",
+        choices=["cosine", "constant"])
+    add("optimisation", "warmup_steps", 100, "linear LR warmup steps", type=at_least(0))
+    add("optimisation", "weight_decay", 0.0, "AdamW weight decay", type=at_least(0.0, float))
+    add("optimisation", "grad_clip", 1.0, "gradient norm clip (0: off)", type=at_least(0.0, float))
+    add("optimisation", "precision", "fp32", "autocast dtype; fp16 adds a GradScaler",
+        choices=["fp32", "bf16", "fp16"])
+    add("optimisation", "ema_decay", 0.995, "EMA decay per step", type=fraction)
+    add("optimisation", "ema_start", 200, "steps the EMA copies before it averages",
+        type=at_least(0))
+    add("optimisation", "swa", False, "also keep a stochastic weight average")
+    add("optimisation", "swa_start", 800, "step from which --swa averages", type=at_least(0))
+    add("optimisation", "max_nonfinite_steps", 25, "stop after this many non-finite steps in a row",
+        type=at_least(1))
+    add("run", "output_dir", help=f"default runs/{METHOD} (with --sample: runs/{METHOD}/generated)")
+    add("run", "save_every", 400, "checkpoint every N steps", type=at_least(1))
+    add("run", "sample_every", 400, "preview grid every N steps", type=at_least(1))
+    add("run", "preview_samples", 16, "images in a preview grid", type=at_least(1))
+    add("run", "preview_steps", 25, "--sampler steps of a preview", type=at_least(1))
+    add("run", "log_every", 10, "log every N steps", type=at_least(1))
+    add("run", "seed", 0, "random seed", type=int)
+    add("run", "resume", help="'latest' (OUTPUT_DIR/checkpoints/last.pt) or a checkpoint path")
+    add("run", "kernels", "auto", "group norm and attention", choices=["auto", "triton", "torch"])
+    add("sampling", "sampler", "ddim", "ancestral (Ho et al. Alg. 2) or DDIM (Song et al.)",
+        choices=["ddpm", "ddim"])
+    add("sampling", "sampling_steps", 50, "respaced steps of --sample", type=at_least(1))
+    add("sampling", "eta", 0.0, "DDIM noise: 0 deterministic, 1 ancestral",
+        type=at_least(0.0, float))
+    add("sampling", "guidance_scale", 1.0, "s in out_u + s (out_c - out_u)", type=float)
+    add("sampling", "class_label", help="class to sample (default: cycle)", type=int)
+    add("sampling", "num_samples", 16, "images --sample writes", type=at_least(1))
+    add("sampling", "weights", "ema", "weights --sample uses", choices=["ema", "model", "swa"])
+    add("sampling", "save_gif", False, "with --sample: also write trajectory.gif")
+    return p
+
+
+def build_parser():
+    """ddpm.py's flags with the original code's L1 loss as the default, plus the patch grid."""
+    p = build_shared_parser()
+    p.set_defaults(loss="l1")
+    p.description += (" --batch_size is per process; the original code's batch is global, so "
+                      "on 4 GPUs --batch_size 8 matches its 32.")
+    add = functools.partial(add_flag, p, {})
+    add("patches (Arakawa et al. Sec. 3)", "patch_divider", 2,
+        "N: cut the image into N x N patches (1: a plain DDPM, same network)", type=int,
+        choices=[1, 2, 4, 8])
+    add("patches (Arakawa et al. Sec. 3)", "patch_batch", 1, "patch positions per U-Net call, "
+        "the same results for every value (0: all N*N at once, as the original code)",
+        type=at_least(0))
+    return p
+
+
+# Copied from ddpm.check_args
+def check_args(args):
+    """Parse the list-valued flags and check everything that can be checked before any work."""
+    if args.channel_mults is None:
+        args.channel_mults = paper_channel_mults(*args.image_size)
+    widths = [args.base_channels * m for m in args.channel_mults]
+    if not widths or any(w != int(w) or w < 4 for w in widths):
+        raise UserError(f"--base_channels x --channel_mults gives {widths} channels; every level "
+                        f"needs a whole number of at least 4")
+    h, w = unet_input_size(args)
+    factor = 2 ** (len(widths) - 1)
+    if h % factor or w % factor:
+        raise UserError(f"the U-Net's {h}x{w} input is not divisible by its downsampling factor "
+                        f"{factor} (2^(levels-1)); use a multiple of {factor} or fewer levels")
+    sides = [min(h, w) // 2 ** i for i in range(len(widths))]
+    for c in [c for c, s in zip(widths, sides) if s in args.attention_resolutions] + widths[-1:]:
+        if int(c) % args.num_heads:
+            raise UserError(f"{int(c)} attention channels do not split into --num_heads "
+                            f"{args.num_heads}; choose a divisor of {int(c)}")
+    unused = [r for r in args.attention_resolutions if r not in sides]
+    if unused and int(os.environ.get("RANK", 0)) == 0:
+        print(f"{METHOD}.py: warning: --attention_resolutions {unused} match no level of the "
+              f"U-Net (feature-map sides {sides})", file=sys.stderr)
+    for key in ("sampling_steps", "preview_steps"):
+        if getattr(args, key) > args.timesteps:
+            raise UserError(f"--{key} {getattr(args, key)} exceeds --timesteps {args.timesteps}")
+    build_diffusion(args)                                           # the schedule's own checks
+    if args.dataset_path is not None and not os.path.isdir(args.dataset_path):
+        raise UserError(f"--dataset_path {args.dataset_path} is not a folder")
+    if args.output_dir is None:
+        args.output_dir = os.path.join("runs", METHOD, *(["generated"] if args.sample else []))
+    return args
+
+
+# Copied from ddpm.mode_parser
+def mode_parser():
+    """The flags that decide which configuration to start from, read before the full parse."""
+    p = Parser(add_help=False)
+    for name in ("--preset", "--checkpoint", "--resume", "--output_dir"):
+        p.add_argument(name)
+    p.add_argument("--sample", action="store_true")
+    return p
+
+
+# Copied from ddpm.parse_args
+def parse_args(argv=None, base=None):
+    """Command line -> checked configuration: the parser's defaults, then the preset, then `base`
+    (a checkpoint's configuration), then the flags given, each overriding the one before."""
+    parser = build_parser()
+    preset = mode_parser().parse_known_args(argv)[0].preset
+    parser.set_defaults(**{**PRESETS.get(preset, {}), **(base or {})})
+    return check_args(parser.parse_args(argv))
 
 
 # ------------------------------------------------------------------------------------------------
 # main()
 # ------------------------------------------------------------------------------------------------
 
+# What --sample never takes from the training run in the checkpoint.
+# Copied from ddpm.NOT_INHERITED
+NOT_INHERITED = ("dataset_path", "output_dir", "resume", "seed", "weights", "save_gif",
+                 "class_label", "sample", "checkpoint", "dry_run", "preset")
+
 
 # Copied from ddpm.dry_run
 def dry_run(args):
-    """Print the resolved configuration and the parameter count; check the dataset folder."""
-    if args.dataset_path is None:
-        count, classes = args.procedural_size, ["day", "dusk"]
-    else:
-        paths, _, classes = find_images(args.dataset_path, args.class_conditional)
-        count = len(paths)
-    args.num_classes = len(classes) if args.class_conditional else 0
-    print(json.dumps(args_dict(args), indent=2))
-    print(f"parameters: {count_parameters(build_model(args)):,}; {count} training images")
+    """Print the configuration and the parameter count (and check the dataset folder)."""
+    if args.class_conditional:
+        args.num_classes = len(find_images(args.dataset_path, True)[2]) if args.dataset_path else 2
+    elif args.dataset_path is not None:
+        find_images(args.dataset_path, False)
+    print(json.dumps(vars(args), indent=2))
+    print(f"parameters: {sum(p.numel() for p in build_model(args).parameters()):,}")
     return 0
 
 
 # Copied from ddpm.main
 def main(argv=None):
     try:
-        namespace = build_parser().parse_args(argv)
-        if namespace.sample:
-            return sample_main(namespace)
+        mode = mode_parser().parse_known_args(argv)[0]
+        if mode.sample:
+            if mode.checkpoint is None:
+                raise UserError("--sample needs --checkpoint PATH")
+            ckpt = load_checkpoint(mode.checkpoint)
+            args = parse_args(argv, {k: v for k, v in ckpt["args"].items()
+                                     if k not in NOT_INHERITED})
+            check_compatible(ckpt["args"], args, mode.checkpoint)
+            return sample_main(args, ckpt)
         ckpt = path = None
-        if namespace.resume is not None:
-            # A resumed run keeps its configuration; flags given now override it.
-            path, ckpt = resume_checkpoint(namespace)
-            base = {k: v for k, v in ckpt["args"].items() if k != "resume"}
-            args = finalize_args(resolve_args(namespace, base=base))
-        else:
-            args = finalize_args(resolve_args(namespace))
-        if args.dry_run:
-            return dry_run(args)
-        return train(args, ckpt, path)
+        if mode.resume is not None:                # the run's configuration; flags given win
+            path = mode.resume
+            if path == "latest":
+                path = os.path.join(mode.output_dir or os.path.join("runs", METHOD),
+                                    "checkpoints", "last.pt")
+                if not os.path.isfile(path):
+                    raise UserError(f"--resume latest: no checkpoint at {path}; start without "
+                                    f"--resume")
+            ckpt = load_checkpoint(path)
+        args = parse_args(argv, ckpt and {k: v for k, v in ckpt["args"].items()
+                                          if k not in ("resume", "dry_run", "preset")})
+        if ckpt is not None:
+            args.resume = path
+            check_compatible(ckpt["args"], args, path,
+                             [k for k in ARCHITECTURE_KEYS if k != "num_classes"])
+        return dry_run(args) if args.dry_run else train(args, ckpt)
     except UserError as error:
         print(f"{METHOD}.py: error: {error}", file=sys.stderr)
         return 2
