@@ -1,17 +1,14 @@
 """DDPM: the baseline, and the template that every patch method in this repository copies from.
 
 Papers
-    Ho, Jain, Abbeel. "Denoising Diffusion Probabilistic Models." NeurIPS 2020.
-        https://arxiv.org/abs/2006.11239
-    Nichol, Dhariwal. "Improved Denoising Diffusion Probabilistic Models." ICML 2021 (cosine
-        schedule, respacing). https://arxiv.org/abs/2102.09672
-    Dhariwal, Nichol. "Diffusion Models Beat GANs on Image Synthesis." NeurIPS 2021 (the "ADM"
-        U-Net). https://arxiv.org/abs/2105.05233
-    Song, Meng, Ermon. "Denoising Diffusion Implicit Models." ICLR 2021 (DDIM).
-        https://arxiv.org/abs/2010.02502
-    Ho, Salimans. "Classifier-Free Diffusion Guidance." 2022. https://arxiv.org/abs/2207.12598
-    Salimans, Ho. "Progressive Distillation for Fast Sampling of Diffusion Models." ICLR 2022
-        (v prediction). https://arxiv.org/abs/2202.00512
+    Ho, Jain, Abbeel. Denoising Diffusion Probabilistic Models. 2020. arXiv 2006.11239
+    Nichol, Dhariwal. Improved Denoising Diffusion Probabilistic Models (cosine schedule,
+        respacing). 2021. arXiv 2102.09672
+    Dhariwal, Nichol. Diffusion Models Beat GANs on Image Synthesis (the ADM U-Net). 2021.
+        arXiv 2105.05233
+    Song, Meng, Ermon. Denoising Diffusion Implicit Models (DDIM). 2021. arXiv 2010.02502
+    Ho, Salimans. Classifier-Free Diffusion Guidance. 2022. arXiv 2207.12598
+    Salimans, Ho. Progressive Distillation for Fast Sampling (v prediction). 2022. arXiv 2202.00512
 
 A complete DDPM in one file, in reading order: the U-Net (its group norms and attention run
 through the fused kernels of `kernels/`), the diffusion math, sampling, then the plumbing: a
@@ -443,12 +440,11 @@ def sample_main(args, ckpt):
     kernels.set_backend(args.kernels)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(args)
-    if args.weights == "swa":
+    if args.weights == "swa":                                       # saved as an AveragedModel
         model = AveragedModel(model)
-        model.load_state_dict(ckpt["swa"])
-        model = model.module
-    else:
-        model.load_state_dict(ckpt["ema"]["shadow"] if args.weights == "ema" else ckpt["model"])
+    model.load_state_dict({"ema": ckpt["ema"]["shadow"], "model": ckpt["model"],
+                           "swa": ckpt["swa"]}[args.weights])
+    model = getattr(model, "module", model)
     trajectory = [] if args.save_gif else None
     images = generate(model.to(device).eval(), build_diffusion(args).to(device), args,
                       args.num_samples, args.sampling_steps, args.seed, trajectory, progress=True)
@@ -593,7 +589,7 @@ def build_cache(base, count, height, width, decode, num_workers):
         kept = [i for i, e in enumerate(extras) if e is not None]
         if not kept:
             raise UserError(f"none of the {count} image files could be read")
-        if len(kept) < count:                                       # a file of N rows
+        if len(kept) < count:                                       # copy to a file of N rows
             final = np.lib.format.open_memmap(tmp + ".npy", "w+", np.uint8, (len(kept),
                                                                             *array.shape[1:]))
             for j, i in enumerate(kept):
@@ -618,8 +614,7 @@ def load_dataset(args, rank=0, world=1, log=print):
     dataset's size and seed; the training size): later runs on the same data reuse it, a changed
     folder gets a new one, and a folder larger than memory trains from disk through the page
     cache. Under DDP rank 0 builds the file while the others wait; all map the same file."""
-    h, w = args.image_size
-    root = args.dataset_path
+    (h, w), root = args.image_size, args.dataset_path
     if root is None:
         count, classes = args.procedural_size, ["day", "dusk"]
         source = ["procedural", count, args.seed]
@@ -640,7 +635,7 @@ def load_dataset(args, rank=0, world=1, log=print):
     if world > 1:
         dist.barrier()                                              # rank 0 has built it
     with open(base + ".json") as f:
-        info = json.load(f)
+        info = json.load(f)                                         # kept files and extras
     if root is None:
         labels = info["extras"]                                     # day / dusk
         log(f"dataset: {count} built-in procedural landscapes at {h}x{w}")
@@ -1082,7 +1077,9 @@ def fraction(text):
 
 def add_flag(parser, groups, group, name, default=None, help="", **kw):
     """parser.add_argument in argument group `group`; a bool default makes --name and --no_name."""
-    g = groups.setdefault(group, parser.add_argument_group(group))
+    if group not in groups:
+        groups[group] = parser.add_argument_group(group)
+    g = groups[group]
     if isinstance(default, bool):
         g.add_argument(f"--{name}", action="store_true", default=default, help=help)
         return g.add_argument(f"--no_{name}", dest=name, action="store_false",
