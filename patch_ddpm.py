@@ -602,12 +602,11 @@ def sample_main(args, ckpt):
     kernels.set_backend(args.kernels)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(args)
-    if args.weights == "swa":
+    if args.weights == "swa":                                       # saved as an AveragedModel
         model = AveragedModel(model)
-        model.load_state_dict(ckpt["swa"])
-        model = model.module
-    else:
-        model.load_state_dict(ckpt["ema"]["shadow"] if args.weights == "ema" else ckpt["model"])
+    model.load_state_dict({"ema": ckpt["ema"]["shadow"], "model": ckpt["model"],
+                           "swa": ckpt["swa"]}[args.weights])
+    model = getattr(model, "module", model)
     trajectory = [] if args.save_gif else None
     images = generate(model.to(device).eval(), build_diffusion(args).to(device), args,
                       args.num_samples, args.sampling_steps, args.seed, trajectory, progress=True)
@@ -758,7 +757,7 @@ def build_cache(base, count, height, width, decode, num_workers):
         kept = [i for i, e in enumerate(extras) if e is not None]
         if not kept:
             raise UserError(f"none of the {count} image files could be read")
-        if len(kept) < count:                                       # a file of N rows
+        if len(kept) < count:                                       # copy to a file of N rows
             final = np.lib.format.open_memmap(tmp + ".npy", "w+", np.uint8, (len(kept),
                                                                             *array.shape[1:]))
             for j, i in enumerate(kept):
@@ -784,8 +783,7 @@ def load_dataset(args, rank=0, world=1, log=print):
     dataset's size and seed; the training size): later runs on the same data reuse it, a changed
     folder gets a new one, and a folder larger than memory trains from disk through the page
     cache. Under DDP rank 0 builds the file while the others wait; all map the same file."""
-    h, w = args.image_size
-    root = args.dataset_path
+    (h, w), root = args.image_size, args.dataset_path
     if root is None:
         count, classes = args.procedural_size, ["day", "dusk"]
         source = ["procedural", count, args.seed]
@@ -806,7 +804,7 @@ def load_dataset(args, rank=0, world=1, log=print):
     if world > 1:
         dist.barrier()                                              # rank 0 has built it
     with open(base + ".json") as f:
-        info = json.load(f)
+        info = json.load(f)                                         # kept files and extras
     if root is None:
         labels = info["extras"]                                     # day / dusk
         log(f"dataset: {count} built-in procedural landscapes at {h}x{w}")
@@ -1290,7 +1288,9 @@ def fraction(text):
 # Copied from ddpm.add_flag
 def add_flag(parser, groups, group, name, default=None, help="", **kw):
     """parser.add_argument in argument group `group`; a bool default makes --name and --no_name."""
-    g = groups.setdefault(group, parser.add_argument_group(group))
+    if group not in groups:
+        groups[group] = parser.add_argument_group(group)
+    g = groups[group]
     if isinstance(default, bool):
         g.add_argument(f"--{name}", action="store_true", default=default, help=help)
         return g.add_argument(f"--no_{name}", dest=name, action="store_false",

@@ -172,7 +172,7 @@ class AttentionBlock(nn.Module):
         qkv = qkv.reshape(b, 3, self.num_heads, c // self.num_heads, h * w)  # (B, 3, heads, d, N)
         q, k, v = qkv.permute(1, 0, 2, 4, 3).unbind(0)              # 3 x (B, heads, N, d)
         out = kernels.attention(q, k, v)                            # (B, heads, N, d)
-        out = out.permute(0, 1, 3, 2).reshape(b, c, h, w)           # (B, heads, d, N) -> (B, C, H, W)
+        out = out.permute(0, 1, 3, 2).reshape(b, c, h, w)           # (B, heads, d, N) -> (B, C, ..)
         return x + self.proj(out)
 
 
@@ -527,7 +527,8 @@ def guided_output(model, x, t, y, guidance_scale):
     if y is None or guidance_scale == 1.0:
         return model(x, t, y).float()
     null = torch.full_like(y, model.num_classes)
-    out_c, out_u = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).float().chunk(2)
+    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).float()
+    out_c, out_u = out.chunk(2)                                     # (2B, ...) -> 2 x (B, ...)
     return out_u + guidance_scale * (out_c - out_u)
 
 
@@ -593,12 +594,11 @@ def sample_main(args, ckpt):
     kernels.set_backend(args.kernels)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(args)
-    if args.weights == "swa":
+    if args.weights == "swa":                                       # saved as an AveragedModel
         model = AveragedModel(model)
-        model.load_state_dict(ckpt["swa"])
-        model = model.module
-    else:
-        model.load_state_dict(ckpt["ema"]["shadow"] if args.weights == "ema" else ckpt["model"])
+    model.load_state_dict({"ema": ckpt["ema"]["shadow"], "model": ckpt["model"],
+                           "swa": ckpt["swa"]}[args.weights])
+    model = getattr(model, "module", model)
     trajectory = [] if args.save_gif else None
     images = generate(model.to(device).eval(), build_diffusion(args).to(device), args,
                       args.num_samples, args.sampling_steps, args.seed, trajectory, progress=True)
@@ -609,8 +609,9 @@ def sample_main(args, ckpt):
     if trajectory:
         frames = [Image.fromarray(make_grid(to_uint8(x))) for x in trajectory]
         path = os.path.join(args.output_dir, "trajectory.gif")
-        frames[0].save(path + ".tmp.gif", save_all=True, append_images=frames[1:] + frames[-1:] * 10,
-                       duration=60, loop=0)                         # hold the final image
+        frames += frames[-1:] * 10                                  # hold the final image
+        frames[0].save(path + ".tmp.gif", save_all=True, append_images=frames[1:], duration=60,
+                       loop=0)
         os.replace(path + ".tmp.gif", path)
     print(f"wrote {len(images)} samples and grid.png to {args.output_dir}")
     return 0
@@ -748,7 +749,7 @@ def build_cache(base, count, height, width, decode, num_workers):
         kept = [i for i, e in enumerate(extras) if e is not None]
         if not kept:
             raise UserError(f"none of the {count} image files could be read")
-        if len(kept) < count:                                       # a file of N rows
+        if len(kept) < count:                                       # copy to a file of N rows
             final = np.lib.format.open_memmap(tmp + ".npy", "w+", np.uint8, (len(kept),
                                                                             *array.shape[1:]))
             for j, i in enumerate(kept):
@@ -774,8 +775,7 @@ def load_dataset(args, rank=0, world=1, log=print):
     dataset's size and seed; the training size): later runs on the same data reuse it, a changed
     folder gets a new one, and a folder larger than memory trains from disk through the page
     cache. Under DDP rank 0 builds the file while the others wait; all map the same file."""
-    h, w = args.image_size
-    root = args.dataset_path
+    (h, w), root = args.image_size, args.dataset_path
     if root is None:
         count, classes = args.procedural_size, ["day", "dusk"]
         source = ["procedural", count, args.seed]
@@ -796,7 +796,7 @@ def load_dataset(args, rank=0, world=1, log=print):
     if world > 1:
         dist.barrier()                                              # rank 0 has built it
     with open(base + ".json") as f:
-        info = json.load(f)
+        info = json.load(f)                                         # kept files and extras
     if root is None:
         labels = info["extras"]                                     # day / dusk
         log(f"dataset: {count} built-in procedural landscapes at {h}x{w}")
@@ -1126,7 +1126,8 @@ class Progress:
 
     def update(self, run, loss, seconds, grad_norm, lr, device):
         self.bar.update(1)
-        self.steps, self.loss, self.seconds = self.steps + 1, self.loss + loss, self.seconds + seconds
+        self.steps, self.loss, self.seconds = self.steps + 1, self.loss + loss, \
+            self.seconds + seconds
         if run.step % self.args.log_every and run.step != self.args.max_steps:
             return
         ips = self.steps * self.args.batch_size * self.args.accumulation_iters * self.world \
@@ -1284,6 +1285,19 @@ def fraction(text):
     return float(text)
 
 
+# Copied from ddpm.add_flag
+def add_flag(parser, groups, group, name, default=None, help="", **kw):
+    """parser.add_argument in argument group `group`; a bool default makes --name and --no_name."""
+    if group not in groups:
+        groups[group] = parser.add_argument_group(group)
+    g = groups[group]
+    if isinstance(default, bool):
+        g.add_argument(f"--{name}", action="store_true", default=default, help=help)
+        return g.add_argument(f"--no_{name}", dest=name, action="store_false",
+                              help=argparse.SUPPRESS)
+    return g.add_argument(f"--{name}", default=default, help=help, **kw)
+
+
 # Copied from ddpm.build_parser with build_parser->build_shared_parser
 def build_shared_parser():
     """Every flag, its default (the quick preset) shown in --help. A preset, and a resumed run's
@@ -1292,15 +1306,7 @@ def build_shared_parser():
                description="Train on a folder of images (or the built-in landscapes), or sample "
                "a checkpoint with --sample. Explicit flags override --preset.")
     p.set_defaults(num_classes=0)
-    groups = {}
-
-    def add(group, name, default=None, help="", **kw):
-        g = groups.setdefault(group, p.add_argument_group(group))
-        if isinstance(default, bool):                               # --name and --no_name
-            g.add_argument(f"--{name}", action="store_true", default=default, help=help)
-            return g.add_argument(f"--no_{name}", dest=name, action="store_false",
-                                  help=argparse.SUPPRESS)
-        g.add_argument(f"--{name}", default=default, help=help, **kw)
+    add = functools.partial(add_flag, p, {})
 
     add("mode", "preset", "quick", "quick: minutes on a 2-core CPU; paper: the published setup",
         choices=sorted(PRESETS))

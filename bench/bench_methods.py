@@ -5,11 +5,12 @@ Each row of ROWS below is one (method, configuration) pair: the script module ("
 "patch_ddpm", "patchify_ddpm") and the flags its parse_args gets; --suite picks the rows of one
 comparison. For each row and device this measures:
 
-  - Training: one step is forward + backward + AdamW step (diffusion.training_loss on a fixed
-    random batch, t and noise drawn as in training; no data loading, grad clipping or EMA).
+  - Training: one step is forward + backward + AdamW step (diffusion.training_losses on a fixed
+    random batch, t and noise drawn as in training, each loss term backpropagated as the scripts'
+    micro_batch_step does; no data loading, grad clipping or EMA).
     Reported: median step time over --iters timed steps after --warmup untimed ones (with the
     min-max range), and images/s = batch / median step time.
-  - Sampling: diffusion.sample(model, shape, sampler="ddim", steps=50, seeds=...) for one batch,
+  - Sampling: method.sample(model, diffusion, shape, seeds, sampler="ddim", steps=50) for one batch,
     after one untimed 2-step warm-up run. Reported: median over --sample_iters runs, and images/s.
   - Peak memory, per measurement: on a GPU the CUDA allocator peak (torch.cuda.max_memory_allocated,
     parameters and optimizer state included); on a CPU the peak resident set size of the process
@@ -51,7 +52,6 @@ multi-threaded kernels many times over. The header records the load average at t
 import argparse
 import datetime
 import importlib
-import inspect
 import json
 import os
 import platform
@@ -232,12 +232,11 @@ def build(method, args, device):
     return method.build_model(args).to(device), method.build_diffusion(args).to(device)
 
 
-def training_step_fn(diffusion):
-    """patch_ddpm.py's training_loss runs the backward pass itself, one chunk of patch positions
-    at a time (that is how it bounds memory); the other scripts return the loss."""
-    if "backward" in inspect.signature(diffusion.training_loss).parameters:
-        return lambda model, x0: diffusion.training_loss(model, x0, backward=torch.Tensor.backward)
-    return lambda model, x0: diffusion.training_loss(model, x0).backward()
+def training_step(diffusion, model, x0):
+    """Forward and backward of every loss term of training_losses, one term at a time (patch_ddpm's
+    terms are its patch chunks: only one chunk's activations are alive at a time)."""
+    for term in diffusion.training_losses(model, x0):
+        term().backward()
 
 
 def forward_flops_per_image(model, shape, device):
@@ -295,12 +294,11 @@ def worker(spec):
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr,
                                       weight_decay=args.weight_decay)
         x0 = (torch.rand(batch, 3, *args.image_size) * 2 - 1).to(device)
-        forward_backward = training_step_fn(diffusion)
         model.train()
 
         def step():
             with autocast():
-                forward_backward(model, x0)
+                training_step(diffusion, model, x0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -317,7 +315,7 @@ def worker(spec):
 
         def run(steps):
             with autocast():
-                diffusion.sample(model, shape, sampler="ddim", steps=steps, seeds=seeds)
+                method.sample(model, diffusion, shape, seeds, sampler="ddim", steps=steps)
 
         start_mib = memory_now_mib(device)                    # weights
         if device.type == "cuda":

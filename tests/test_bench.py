@@ -31,7 +31,7 @@ def test_a_measurement_runs_in_a_fresh_process(phase):
 
 
 def test_patch_ddpm_rows_run_the_chunked_backward_and_count_flops():
-    """patch_ddpm.py's training_loss runs the backward pass itself (one patch chunk at a time):
+    """patch_ddpm.py's training_losses are one term per patch chunk, backpropagated one at a time:
     the bench's training step goes through it; the sampling phase counts forward FLOPs."""
     row = bench_methods.Row("tiny-patch", "patch_ddpm", "--image_size 16 --patch_divider 2 "
                             "--patch_batch 1 --base_channels 32 --channel_mults 1,2 "
