@@ -12,6 +12,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import ddpm
 import testing_utils
@@ -462,7 +463,7 @@ def test_lr_schedule():
     assert ddpm.lr_lambda(100, 10, 110, "constant") == 1.0
 
 
-@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step()` has been overridden")
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step")
 def test_optimizer_step_clips_and_skips_non_finite_gradients(monkeypatch):
     def run_with(grad_clip, max_nonfinite=2):
         args = tiny_args("--grad_clip", grad_clip, "--max_nonfinite_steps", max_nonfinite)
@@ -778,6 +779,7 @@ def nan_after(monkeypatch, steps):
     return calls
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")
 def test_non_finite_steps_are_skipped(tiny, tmp_path, monkeypatch):
     """Two NaN steps, then finite ones: the run finishes, the skipped steps left the weights
     alone and the optimizer took only the finite steps."""
@@ -792,6 +794,7 @@ def test_non_finite_steps_are_skipped(tiny, tmp_path, monkeypatch):
     assert scalars(out, "train/nonfinite_steps")[4] == 2
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")
 def test_non_finite_steps_stop_the_run(tiny, tmp_path, monkeypatch, capsys):
     calls = nan_after(monkeypatch, 0)
     status, _, err = testing_utils.run_main(ddpm, tiny + [
@@ -844,6 +847,16 @@ def test_kernels_flag_runs_training_through_the_triton_kernels(tiny, tmp_path, m
         assert torch.allclose(value, b["model"][name], atol=1e-5, rtol=1e-4), name
 
 
+def test_non_square_class_conditional_run_on_the_built_in_dataset(tiny, tmp_path):
+    """16x24 images of the built-in dataset with its two classes (day, dusk): the run trains,
+    previews and samples at that size, one image of each class."""
+    out = train_run(tiny, tmp_path, "run", "--image_size", "16x24", "--class_conditional")
+    assert load(os.path.join(out, "checkpoints", "last.pt"))["args"]["num_classes"] == 2
+    images = testing_utils.sample_images(ddpm, os.path.join(out, "checkpoints", "last.pt"),
+                                         tmp_path / "s", "--num_samples", "2")
+    assert images.shape == (2, 16, 24, 3)
+
+
 @pytest.mark.parametrize("schedule", ["cosine", "constant"])
 def test_logged_learning_rate_is_warmup_then_the_schedule(tiny, tmp_path, schedule):
     out = train_run(tiny, tmp_path, schedule, "--max_steps", "6", "--warmup_steps", "2",
@@ -876,7 +889,6 @@ def test_final_preview_uses_the_preview_flags(tiny, tmp_path, monkeypatch):
     out = train_run(tiny, tmp_path, "run", "--preview_samples", "2", "--preview_steps", "3",
                     "--num_samples", "5", "--sampling_steps", "7")
     assert calls == [(2, 3)]
-    from PIL import Image
     with Image.open(os.path.join(out, "samples", "step_2.png")) as grid:
         expected = ddpm.make_grid(torch.zeros(2, 3, 16, 16, dtype=torch.uint8)).shape
         assert (grid.height, grid.width, 3) == expected
