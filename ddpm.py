@@ -65,11 +65,11 @@ class UserError(Exception):
 
 def timestep_embedding(t, dim, max_period=10000):
     """Sinusoidal embedding (Vaswani et al. Sec. 3.5) in ADM's order [cos(t w_i), sin(t w_i)],
-    w_i = max_period^(-i / (dim/2)). (B,) -> (B, dim)."""
+    w_i = max_period^(-i / (dim/2)), and a zero column for an odd dim. (B,) -> (B, dim)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
     angles = t.float()[:, None] * freqs[None]                       # (B, 1) * (1, half)
-    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+    return F.pad(torch.cat([torch.cos(angles), torch.sin(angles)], dim=1), (0, dim % 2))
 
 
 def norm_groups(channels):
@@ -279,6 +279,7 @@ class GaussianDiffusion(nn.Module):
         sigma2 = betas * (1 - alpha_bar_prev) / (1 - alpha_bar) if variance == "small" else betas
         buffers = {
             "betas": betas, "alpha_bar": alpha_bar, "alpha_bar_prev": alpha_bar_prev,
+            "sqrt_alpha_bar": alpha_bar.sqrt(), "sqrt_one_minus_alpha_bar": (1 - alpha_bar).sqrt(),
             # No noise in the last step (index 0); improved-diffusion's "fixed large" variance
             # puts beta~_1 there, which is never drawn either.
             "sigma": torch.cat([sigma2.new_zeros(1), sigma2[1:]]).sqrt(),
@@ -295,22 +296,22 @@ class GaussianDiffusion(nn.Module):
 
     def q_sample(self, x0, t, noise):
         """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps   (Ho et al. Eq. 4)."""
-        a = at(self.alpha_bar, t, x0)
-        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+        a, b = at(self.sqrt_alpha_bar, t, x0), at(self.sqrt_one_minus_alpha_bar, t, x0)
+        return a * x0 + b * noise
 
     def target(self, x0, noise, t):
         """What the network learns to output at (x_t, t): eps, x0 or v."""
-        a = at(self.alpha_bar, t, x0)
-        return {"eps": noise, "x0": x0}.get(self.prediction, a.sqrt() * noise - (1 - a).sqrt() * x0)
+        a, b = at(self.sqrt_alpha_bar, t, x0), at(self.sqrt_one_minus_alpha_bar, t, x0)
+        return {"eps": noise, "x0": x0}.get(self.prediction, a * noise - b * x0)   # v
 
     def x0_and_eps(self, x_t, t, out):
         """The network's output -> (x0_hat, eps_hat), by Eq. 4 and the definition of v."""
-        a = at(self.alpha_bar, t, x_t)
+        a, b = at(self.sqrt_alpha_bar, t, x_t), at(self.sqrt_one_minus_alpha_bar, t, x_t)
         if self.prediction == "eps":
-            return (x_t - (1 - a).sqrt() * out) / a.sqrt(), out
+            return (x_t - b * out) / a, out
         if self.prediction == "x0":
-            return out, (x_t - a.sqrt() * out) / (1 - a).sqrt()
-        return a.sqrt() * x_t - (1 - a).sqrt() * out, (1 - a).sqrt() * x_t + a.sqrt() * out
+            return out, (x_t - a * out) / b
+        return a * x_t - b * out, b * x_t + a * out                 # v
 
     def error(self, out, target):
         """The elementwise training error: squared (Ho et al. Eq. 14), absolute or Huber."""
@@ -622,8 +623,14 @@ def load_dataset(args, rank=0, world=1, log=print):
     else:
         paths, labels, classes = find_images(root, args.class_conditional)
         count = len(paths)
-        source = [os.path.realpath(root), [[os.path.relpath(p, root), os.stat(p).st_size,
-                                            os.stat(p).st_mtime_ns] for p in paths]]
+        def signature(path):                                        # None: a dangling link,
+            try:                                                    # skipped as unreadable
+                return [os.path.relpath(path, root), os.stat(path).st_size,
+                        os.stat(path).st_mtime_ns]
+            except OSError:
+                return [os.path.relpath(path, root), None, None]
+
+        source = [os.path.realpath(root), [signature(p) for p in paths]]
         decode = lambda i: load_image(paths[i], h, w)  # noqa: E731
     key = hashlib.sha256(json.dumps([source, h, w, args.class_conditional]).encode())
     name = os.path.basename(os.path.abspath(root or "procedural"))
