@@ -138,7 +138,8 @@ class AttentionBlock(nn.Module):
         qkv = qkv.reshape(b, 3, self.num_heads, c // self.num_heads, h * w)  # (B, 3, heads, d, N)
         q, k, v = qkv.permute(1, 0, 2, 4, 3).unbind(0)              # 3 x (B, heads, N, d)
         out = kernels.attention(q, k, v)                            # (B, heads, N, d)
-        out = out.permute(0, 1, 3, 2).reshape(b, c, h, w)           # (B, heads, d, N) -> (B, C, ..)
+        out = out.permute(0, 1, 3, 2)                               # (B, heads, d, N)
+        out = out.reshape(b, c, h, w)                               # (B, C, H, W)
         return x + self.proj(out)
 
 
@@ -300,9 +301,12 @@ class GaussianDiffusion(nn.Module):
         return a * x0 + b * noise
 
     def target(self, x0, noise, t):
-        """What the network learns to output at (x_t, t): eps, x0 or v."""
+        """What the network learns to output at (x_t, t): eps, x0, or v = sqrt(alpha_bar) eps -
+        sqrt(1 - alpha_bar) x0 (Salimans & Ho Sec. 4)."""
+        if self.prediction in ("eps", "x0"):
+            return noise if self.prediction == "eps" else x0
         a, b = at(self.sqrt_alpha_bar, t, x0), at(self.sqrt_one_minus_alpha_bar, t, x0)
-        return {"eps": noise, "x0": x0}.get(self.prediction, a * noise - b * x0)   # v
+        return a * noise - b * x0
 
     def x0_and_eps(self, x_t, t, out):
         """The network's output -> (x0_hat, eps_hat), by Eq. 4 and the definition of v."""
@@ -345,7 +349,8 @@ class GaussianDiffusion(nn.Module):
         x0_hat clipped to [-1, 1] and eps_hat recomputed from it. eta = 1 is ancestral."""
         a, a_prev = at(self.alpha_bar, t, x_t), at(self.alpha_bar_prev, t, x_t)
         x0 = self.x0_and_eps(x_t, t, out)[0].clamp(-1, 1)
-        eps = (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+        eps = (x_t - at(self.sqrt_alpha_bar, t, x_t) * x0) / at(self.sqrt_one_minus_alpha_bar, t,
+                                                                x_t)
         s = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).clamp(min=0).sqrt()
         x_prev = a_prev.sqrt() * x0 + (1 - a_prev - s ** 2).clamp(min=0).sqrt() * eps
         return x_prev + s * noise if eta > 0 else x_prev
@@ -429,13 +434,18 @@ def generate(model, diffusion, args, num, steps, seed, trajectory=None, progress
     return torch.cat(images)
 
 
-def sample_main(args, ckpt):
-    """--sample: 00000.png, ... and grid.png (and trajectory.gif) in --output_dir."""
+def check_labels(args):
+    """--class_label and --guidance_scale need classes, once the number of classes is known."""
     if args.num_classes == 0 and (args.class_label is not None or args.guidance_scale != 1.0):
-        raise UserError(f"{args.checkpoint} is unconditional: --class_label and --guidance_scale "
-                        f"need a model trained with --class_conditional")
+        raise UserError("--class_label and --guidance_scale need a model trained with "
+                        "--class_conditional")
     if args.class_label is not None and not 0 <= args.class_label < args.num_classes:
         raise UserError(f"--class_label {args.class_label} is not in 0..{args.num_classes - 1}")
+
+
+def sample_main(args, ckpt):
+    """--sample: 00000.png, ... and grid.png (and trajectory.gif) in --output_dir."""
+    check_labels(args)
     if args.weights == "swa" and ckpt["swa"] is None:
         raise UserError(f"{args.checkpoint} has no SWA weights (train with --swa)")
     kernels.set_backend(args.kernels)
@@ -598,12 +608,12 @@ def build_cache(base, count, height, width, decode, num_workers):
             final.flush()
             os.replace(tmp + ".npy", tmp)
         array.flush()
-        with open(base + ".json.tmp", "w") as f:
+        with open(tmp + ".json", "w") as f:
             json.dump({"kept": kept, "extras": [extras[i] for i in kept]}, f)
-        os.replace(base + ".json.tmp", base + ".json")
+        os.replace(tmp + ".json", base + ".json")
         os.replace(tmp, base + ".npy")
     finally:
-        for leftover in (tmp, tmp + ".npy"):
+        for leftover in (tmp, tmp + ".npy", tmp + ".json"):
             if os.path.exists(leftover):
                 os.remove(leftover)
 
@@ -614,33 +624,42 @@ def load_dataset(args, rank=0, world=1, log=print):
     of what they depend on (a folder's file paths, sizes and modification times, or the built-in
     dataset's size and seed; the training size): later runs on the same data reuse it, a changed
     folder gets a new one, and a folder larger than memory trains from disk through the page
-    cache. Under DDP rank 0 builds the file while the others wait; all map the same file."""
+    cache. Under DDP one process builds the file while the others wait; all map the same file.
+    Old files are not removed: delete --cache_dir to reclaim the space."""
     (h, w), root = args.image_size, args.dataset_path
     if root is None:
         count, classes = args.procedural_size, ["day", "dusk"]
         source = ["procedural", count, args.seed]
-        decode = lambda i: procedural_landscape(i, h, w, args.seed)  # noqa: E731
+        decode = functools.partial(procedural_landscape, height=h, width=w, seed=args.seed)
     else:
         paths, labels, classes = find_images(root, args.class_conditional)
         count = len(paths)
-        def signature(path):                                        # None: a dangling link,
-            try:                                                    # skipped as unreadable
+
+        def signature(path):
+            try:
                 return [os.path.relpath(path, root), os.stat(path).st_size,
                         os.stat(path).st_mtime_ns]
-            except OSError:
-                return [os.path.relpath(path, root), None, None]
+            except OSError:                                         # a dangling link: skipped
+                return [os.path.relpath(path, root), None, None]    # as unreadable below
+
+        def decode(i):
+            return load_image(paths[i], h, w)
 
         source = [os.path.realpath(root), [signature(p) for p in paths]]
-        decode = lambda i: load_image(paths[i], h, w)  # noqa: E731
-    key = hashlib.sha256(json.dumps([source, h, w, args.class_conditional]).encode())
+    key = hashlib.sha256(json.dumps([source, h, w]).encode()).hexdigest()
     name = os.path.basename(os.path.abspath(root or "procedural"))
-    base = os.path.join(args.cache_dir, f"{name}-{h}x{w}-{key.hexdigest()[:16]}")
-    if rank == 0 and not os.path.exists(base + ".npy"):
-        os.makedirs(args.cache_dir, exist_ok=True)
+    base = os.path.join(args.cache_dir, f"{name}-{h}x{w}-{key[:16]}")
+    # One process per machine builds the file (on shared storage two machines may both build it:
+    # each writes its own temporary file, and the renames are atomic); the others wait for it.
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0 and not os.path.exists(base + ".npy"):
+        try:
+            os.makedirs(args.cache_dir, exist_ok=True)
+        except OSError as error:
+            raise UserError(f"--cache_dir {args.cache_dir}: {error.strerror}") from None
         log(f"decoding {count} images into {base}.npy (once; later runs reuse it)")
         build_cache(base, count, h, w, decode, args.num_workers)
-    if world > 1:
-        dist.barrier()                                              # rank 0 has built it
+    while not os.path.exists(base + ".npy"):
+        time.sleep(1)
     with open(base + ".json") as f:
         info = json.load(f)                                         # kept files and extras
     if root is None:
@@ -663,7 +682,7 @@ def load_dataset(args, rank=0, world=1, log=print):
 
 
 def batch_indices(k, num_images, batch_size, seed, rank=0, world=1):
-    """The images of a rank's micro-batch k, a function of (seed, k, rank) only: a resumed run
+    """The images of a rank's micro-batch k, a function of its arguments only: a resumed run
     continues at micro-batch step * accumulation_iters. Epoch e visits the images in the order of
     a permutation seeded by (seed, e); rank r of `world` takes every world-th position."""
     positions = (k * batch_size + torch.arange(batch_size)) * world + rank
@@ -671,8 +690,9 @@ def batch_indices(k, num_images, batch_size, seed, rank=0, world=1):
                         for p in positions])
 
 
-@functools.lru_cache(maxsize=4)                                     # a batch spans <= 2 epochs
+@functools.lru_cache(maxsize=4)
 def epoch_order(num_images, seed, epoch):
+    """The order in which epoch `epoch` visits the images (kept for the epochs a batch spans)."""
     return torch.randperm(num_images, generator=torch.Generator().manual_seed(seed * 100_003
                                                                              + epoch))
 
@@ -893,7 +913,8 @@ def optimizer_step(run, args):
     Returns the gradient norm and the learning rate this step used."""
     run.scaler.unscale_(run.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(run.raw.parameters(), args.grad_clip or math.inf)
-    if torch.isfinite(grad_norm):
+    finite = bool(torch.isfinite(grad_norm))
+    if finite:
         run.nonfinite = 0
         run.scaler.step(run.optimizer)
     else:              # gradients are all-reduced: every rank skips together; fp16's scaler
@@ -906,9 +927,10 @@ def optimizer_step(run, args):
     lr = run.optimizer.param_groups[0]["lr"]
     run.scheduler.step()
     run.step += 1
-    run.ema.update(run.raw)
-    if run.swa is not None and run.step > args.swa_start:
-        run.swa.update_parameters(run.raw)
+    if finite:                                                      # a skipped step adds nothing
+        run.ema.update(run.raw)
+        if run.swa is not None and run.step > args.swa_start:
+            run.swa.update_parameters(run.raw)
     return float(grad_norm), lr
 
 
@@ -970,6 +992,7 @@ def train(args, ckpt=None):
     kernels.set_backend(args.kernels)
     images, labels, classes = load_dataset(args, rank, world, log)
     args.num_classes = len(classes)
+    check_labels(args)                                              # the previews use them
     if ckpt is not None:                                            # the folder's classes changed
         check_compatible(ckpt["args"], args, args.resume, ["num_classes"])
     if len(images) < args.batch_size * world:
@@ -1103,7 +1126,8 @@ def build_parser():
     p.set_defaults(num_classes=0)
     add = functools.partial(add_flag, p, {})
 
-    add("mode", "preset", "quick", "quick: minutes on a 2-core CPU; paper: the published setup",
+    add("mode", "preset", "quick", "quick: minutes on a 2-core CPU; paper: the published setup "
+        "(with --resume or --sample the checkpoint's configuration replaces it)",
         choices=sorted(PRESETS))
     add("mode", "sample", False, "sample --checkpoint instead of training")
     add("mode", "checkpoint", help="checkpoint to sample (with --sample)")
@@ -1153,9 +1177,9 @@ def build_parser():
     add("run", "save_every", 400, "checkpoint every N steps", type=at_least(1))
     add("run", "sample_every", 400, "preview grid every N steps", type=at_least(1))
     add("run", "preview_samples", 16, "images in a preview grid", type=at_least(1))
-    add("run", "preview_steps", 25, "--sampler steps of a preview", type=at_least(1))
+    add("run", "preview_steps", 50, "--sampler steps of a preview", type=at_least(1))
     add("run", "log_every", 10, "log every N steps", type=at_least(1))
-    add("run", "seed", 0, "random seed", type=int)
+    add("run", "seed", 0, "random seed", type=at_least(0))
     add("run", "resume", help="'latest' (OUTPUT_DIR/checkpoints/last.pt) or a checkpoint path")
     add("run", "kernels", "auto", "group norm and attention", choices=["auto", "triton", "torch"])
     add("sampling", "sampler", "ddim", "ancestral (Ho et al. Alg. 2) or DDIM (Song et al.)",

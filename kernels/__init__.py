@@ -80,36 +80,43 @@ def _relative_error(a, b):
 
 
 def _self_check(device):
-    """The largest relative L2 error of the Triton kernels against the reference on one small
-    input of each op (outputs and every input gradient), in fp32 on `device`."""
-    g = torch.Generator().manual_seed(0)
+    """The largest relative L2 error of the Triton kernels against the reference on small inputs
+    of each op (outputs and every input gradient), per dtype, divided by that dtype's tolerance.
+    On a GPU: fp32, fp16 and bf16, head dimensions 16, 64 and 128, with and without scale/shift
+    and SiLU; under the CPU interpreter (no bf16, slow): fp32 and fp16 at head dimension 16."""
+    gpu = device.type == "cuda"
+    dtypes = {torch.float32: 1e-2, torch.float16: 2e-2, **({torch.bfloat16: 5e-2} if gpu else {})}
+    worst, g = 0.0, torch.Generator().manual_seed(0)
+    for dtype, tolerance in dtypes.items():
+        def randn(*shape):
+            return torch.randn(*shape, generator=g).to(device, dtype).requires_grad_()
 
-    def randn(*shape):
-        return torch.randn(*shape, generator=g).to(device).requires_grad_()
-
-    x, weight, bias, scale, shift = randn(2, 16, 4, 4), randn(16), randn(16), randn(2, 16), \
-        randn(2, 16)
-    q, k, v = randn(1, 2, 40, 16), randn(1, 2, 40, 16), randn(1, 2, 40, 16)
-    cases = [((x, weight, bias, scale, shift), group_norm.group_norm_act,
-              reference.group_norm_act, lambda f, a: f(*a[:3], 4, 1e-5, *a[3:], "silu")),
-             ((q, k, v), flash_attention.attention, reference.attention, lambda f, a: f(*a))]
-    worst = 0.0
-    for inputs, kernel, spec, call in cases:
-        results = []
-        for fn in (kernel, spec):
-            out = call(fn, inputs)
-            grad_out = torch.ones_like(out) + torch.arange(out.numel(), device=device
-                                                          ).reshape(out.shape) % 3
-            results.append([out, *torch.autograd.grad(out, inputs, grad_out)])
-        worst = max([worst] + [_relative_error(a, b) for a, b in zip(*results)])
+        cases = [(lambda f, a: f(*a[:3], 4, 1e-5, *a[3:], "silu"), group_norm.group_norm_act,
+                  reference.group_norm_act, [randn(2, 16, 4, 4), randn(16), randn(16),
+                                             randn(2, 16), randn(2, 16)]),
+                 (lambda f, a: f(a[0], None, None, 4, 1e-5, None, None, None),
+                  group_norm.group_norm_act, reference.group_norm_act, [randn(2, 16, 5, 3)])]
+        for head_dim in (16, 64, 128) if gpu else (16,):
+            cases.append((lambda f, a: f(*a), flash_attention.attention, reference.attention,
+                          [randn(1, 2, 40, head_dim) for _ in range(3)]))
+        for call, kernel, spec, inputs in cases:
+            results = []
+            for fn in (kernel, spec):
+                out = call(fn, inputs)
+                grad_out = 1 + torch.arange(out.numel(), device=device).reshape(out.shape) % 3
+                results.append([out, *torch.autograd.grad(out, inputs, grad_out.to(dtype))])
+            worst = max([worst] + [_relative_error(a, b) / tolerance for a, b in zip(*results)])
     return worst
 
 
-def kernels_agree(device, tolerance=1e-2):
+def kernels_agree(device):
     """Whether the Triton kernels agree with the reference on `device` (checked once per device
-    and process; see the module docstring). tf32 matrix products stay far inside `tolerance`; a
-    wrong kernel is far outside it."""
+    and process, see the module docstring): every relative error within its dtype's tolerance,
+    which tf32 products and 16-bit rounding stay far inside and a wrong kernel does not. While
+    torch.compile traces, the check cannot run: it runs at the first eager call."""
     key = str(device)
+    if key not in _agree and torch.compiler.is_compiling():
+        return True
     if key not in _agree:
         try:                         # the first call may come from inside no_grad or autocast
             with torch.inference_mode(False), torch.enable_grad(), \
@@ -117,11 +124,11 @@ def kernels_agree(device, tolerance=1e-2):
                 error, why = _self_check(device), None
         except Exception as failure:                                # a compile or launch error
             error, why = float("inf"), f"{type(failure).__name__}: {failure}"
-        _agree[key] = error <= tolerance
+        _agree[key] = error <= 1.0
         if not _agree[key]:
             warnings.warn(f"kernels: the Triton kernels disagree with the PyTorch reference on "
-                          f"{key} ({why or f'relative error {error:.2e}'}); using the reference "
-                          f"there for the rest of this run", stacklevel=2)
+                          f"{key} ({why or f'error {error:.2g} x the tolerance'}); using the "
+                          f"reference there for the rest of this run", stacklevel=2)
     return _agree[key]
 
 
