@@ -587,6 +587,16 @@ def generate(model, diffusion, args, num, steps, seed, trajectory=None, progress
     return torch.cat(images)
 
 
+# Copied from ddpm.check_labels
+def check_labels(args):
+    """--class_label and --guidance_scale need classes, once the number of classes is known."""
+    if args.num_classes == 0 and (args.class_label is not None or args.guidance_scale != 1.0):
+        raise UserError("--class_label and --guidance_scale need a model trained with "
+                        "--class_conditional")
+    if args.class_label is not None and not 0 <= args.class_label < args.num_classes:
+        raise UserError(f"--class_label {args.class_label} is not in 0..{args.num_classes - 1}")
+
+
 # Copied from ddpm.sample_main
 def sample_main(args, ckpt):
     """--sample: 00000.png, ... and grid.png (and trajectory.gif) in --output_dir."""
