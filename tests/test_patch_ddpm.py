@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import patch_ddpm
 from patch_ddpm import cut_patches, stitch_patches
+from testing_utils import randomize
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")            # tests/conftest.py
 
@@ -34,15 +35,6 @@ def tiny_args(*extra, num_classes=0):
     args = patch_ddpm.parse_args(TINY + list(extra))
     args.num_classes = num_classes
     return args
-
-
-def randomize(model, seed=0):
-    """Random weights everywhere (an untrained U-Net outputs exact zeros)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
 
 
 def assert_user_error(argv, capsys, tmp_path):

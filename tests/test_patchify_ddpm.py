@@ -7,7 +7,6 @@ tests/test_copies.py and tested in ddpm.py's tests.
 """
 
 import math
-import os
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import ddpm
+from testing_utils import randomize
 import patchify_ddpm as pf
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")            # tests/conftest.py
@@ -32,15 +32,6 @@ def tiny_args(*extra):
     args = pf.parse_args(TINY + list(extra))
     args.num_classes = 0                                            # main() sets it from the data
     return args
-
-
-def randomize(model, seed=0):
-    """Random weights everywhere (the untrained network outputs exact zeros)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
 
 
 def run_main(argv, capsys):
