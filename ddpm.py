@@ -9,6 +9,11 @@ Papers
     Song, Meng, Ermon. Denoising Diffusion Implicit Models (DDIM). 2021. arXiv 2010.02502
     Ho, Salimans. Classifier-Free Diffusion Guidance. 2022. arXiv 2207.12598
     Salimans, Ho. Progressive Distillation for Fast Sampling (v prediction). 2022. arXiv 2202.00512
+    Hang et al. Efficient Diffusion Training via Min-SNR Weighting Strategy. 2023. arXiv 2303.09556
+    Lin, Liu, Li, Yang. Common Diffusion Noise Schedules and Sample Steps Are Flawed (zero
+        terminal SNR). 2024. arXiv 2305.08891
+    Jabri, Fleet, Chen. Scalable Adaptive Computation for Iterative Generation (the sigmoid
+        schedule). 2022. arXiv 2212.11972
 
 A complete DDPM in one file, in reading order: the U-Net (its group norms and attention run
 through the fused kernels of `kernels/`), the diffusion math, sampling, then the plumbing: a
@@ -240,20 +245,34 @@ def build_model(args):
 # ------------------------------------------------------------------------------------------------
 
 
-def make_beta_schedule(kind, timesteps, beta_end=0.02):
+def make_beta_schedule(kind, timesteps, beta_end=0.02, zero_terminal_snr=False):
     """beta_1..beta_T in float64. linear (Ho et al. Sec. 4): 1e-4 to `beta_end` at T = 1000, both
     ends scaled by 1000 / T for other T (Nichol & Dhariwal's code). cosine (Nichol & Dhariwal
-    Eq. 17): alpha_bar(t) = f(t) / f(0), f(t) = cos^2((t/T + s) / (1 + s) pi/2), s = 0.008,
-    beta_t = 1 - alpha_bar(t) / alpha_bar(t-1), clipped at 0.999."""
+    Eq. 17): alpha_bar(t) = f(t) / f(0), f(t) = cos^2((t/T + s) / (1 + s) pi/2), s = 0.008.
+    sigmoid (Jabri et al. 2022; start -3, end 3, tau 1): alpha_bar(t) =
+    (sig(3) - sig(6 t/T - 3)) / (sig(3) - sig(-3)). In both, beta_t = 1 - alpha_bar(t) /
+    alpha_bar(t-1), clipped at 0.999. zero_terminal_snr (Lin et al. 2024, Alg. 1): sqrt(alpha_bar)
+    shifted to end at 0 and scaled to keep its first value, so that x_T is pure noise, as the
+    sampler assumes (eps cannot be inverted there: check_args asks for x0 or v)."""
     if kind == "linear":
         scale = 1000 / timesteps
         if not 0 < scale * beta_end < 1:
             raise UserError(f"the linear schedule's last beta, {beta_end:g} x 1000 / --timesteps "
                             f"{timesteps} = {scale * beta_end:g}, must be in (0, 1)")
-        return torch.linspace(scale * 1e-4, scale * beta_end, timesteps, dtype=torch.float64)
-    steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
-    f = torch.cos((steps + 0.008) / 1.008 * math.pi / 2) ** 2
-    return (1 - f[1:] / f[:-1]).clamp(max=0.999)                    # f[0] cancels in the ratio
+        betas = torch.linspace(scale * 1e-4, scale * beta_end, timesteps, dtype=torch.float64)
+    else:
+        steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+        if kind == "cosine":
+            f = torch.cos((steps + 0.008) / 1.008 * math.pi / 2) ** 2
+        else:
+            f = 1 / (1 + math.exp(-3)) - torch.sigmoid(6 * steps - 3)
+        betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)               # f[0] cancels in the ratio
+    if not zero_terminal_snr:
+        return betas
+    root = torch.cumprod(1 - betas, 0).sqrt()
+    root = (root - root[-1]) * root[0] / (root[0] - root[-1])
+    alpha_bar = root ** 2
+    return 1 - alpha_bar / torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
 
 
 def at(buffer, t, x):
@@ -269,15 +288,21 @@ class GaussianDiffusion(nn.Module):
 
     `prediction` is what the network outputs: eps (Ho et al.), x0, or v = sqrt(alpha_bar) eps -
     sqrt(1 - alpha_bar) x0 (Salimans & Ho Sec. 4). Each is trained with the plain error on its
-    own target, which weights the x0 error by SNR (eps), 1 (x0) or SNR + 1 (v). `variance` is the
-    ancestral step's sigma_t^2: small beta~_t or large beta_t (Ho et al. Sec. 3.2)."""
+    own target, which weights the x0 error by SNR (eps), 1 (x0) or SNR + 1 (v), SNR = alpha_bar /
+    (1 - alpha_bar). min_snr_gamma > 0 (Hang et al. 2023, Eq. 11) multiplies the error by
+    `loss_weight` = min(SNR, gamma) / that weight, so that the x0 error is weighted by min(SNR,
+    gamma) whatever the prediction. `variance` is the ancestral step's sigma_t^2: small beta~_t
+    or large beta_t (Ho et al. Sec. 3.2)."""
 
-    def __init__(self, betas, prediction="eps", loss="mse", variance="small", timestep_map=None):
+    def __init__(self, betas, prediction="eps", loss="mse", variance="small", timestep_map=None,
+                 min_snr_gamma=0.0):
         super().__init__()
         betas = betas.double()
         alpha_bar = torch.cumprod(1 - betas, 0)
         alpha_bar_prev = torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
         sigma2 = betas * (1 - alpha_bar_prev) / (1 - alpha_bar) if variance == "small" else betas
+        snr = alpha_bar / (1 - alpha_bar)
+        implied = {"eps": snr, "x0": torch.ones_like(snr), "v": snr + 1}[prediction]
         buffers = {
             "betas": betas, "alpha_bar": alpha_bar, "alpha_bar_prev": alpha_bar_prev,
             "sqrt_alpha_bar": alpha_bar.sqrt(), "sqrt_one_minus_alpha_bar": (1 - alpha_bar).sqrt(),
@@ -286,13 +311,16 @@ class GaussianDiffusion(nn.Module):
             "sigma": torch.cat([sigma2.new_zeros(1), sigma2[1:]]).sqrt(),
             "coef_x0": betas * alpha_bar_prev.sqrt() / (1 - alpha_bar),           # Eq. 7
             "coef_xt": (1 - alpha_bar_prev) * (1 - betas).sqrt() / (1 - alpha_bar),
+            "loss_weight": snr.clamp(max=min_snr_gamma) / implied if min_snr_gamma > 0
+            else torch.ones_like(snr),
         }
         for name, value in buffers.items():
             self.register_buffer(name, value.float(), persistent=False)
         self.register_buffer("timestep_map", torch.arange(len(betas)) if timestep_map is None
                              else timestep_map.long(), persistent=False)
         self.num_timesteps, self.alpha_bar_f64 = len(betas), alpha_bar
-        self.options = dict(prediction=prediction, loss=loss, variance=variance)
+        self.options = dict(prediction=prediction, loss=loss, variance=variance,
+                            min_snr_gamma=min_snr_gamma)
         self.prediction, self.loss = prediction, loss
 
     def q_sample(self, x0, t, noise):
@@ -324,8 +352,8 @@ class GaussianDiffusion(nn.Module):
 
     def training_losses(self, model, x0, y=None):
         """L_simple (Ho et al. Eq. 14, Algorithm 1): t ~ U{0..T-1}, eps ~ N(0, I), the error of
-        out_theta(x_t, t, y) on its target, averaged over pixels and batch. Index 0 (the paper's
-        t = 1) is drawn too: the last denoising step must be learned.
+        out_theta(x_t, t, y) on its target, times loss_weight(t), averaged over pixels and batch.
+        Index 0 (the paper's t = 1) is drawn too: the last denoising step must be learned.
 
         Returns a list of functions, each computing one term of the loss; the terms add up to
         the loss. Here there is one; a method can split its loss into chunks, which
@@ -333,7 +361,11 @@ class GaussianDiffusion(nn.Module):
         t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
         noise = torch.randn_like(x0)
         x_t, target = self.q_sample(x0, t, noise), self.target(x0, noise, t)
-        return [lambda: self.error(model(x_t, self.timestep_map[t], y).float(), target).mean()]
+
+        def loss():
+            out = model(x_t, self.timestep_map[t], y).float()
+            return (at(self.loss_weight, t, x0) * self.error(out, target)).mean()
+        return [loss]
 
     def ddpm_step(self, x_t, out, t, noise):
         """Ancestral step x_t -> x_{t-1} (Ho et al. Algorithm 2): mu~(x0_hat, x_t) + sigma_t z,
@@ -367,8 +399,10 @@ class GaussianDiffusion(nn.Module):
 
 def build_diffusion(args):
     """The diffusion process of a checked configuration (the counterpart of build_model)."""
-    return GaussianDiffusion(make_beta_schedule(args.schedule, args.timesteps), args.prediction,
-                             args.loss, args.variance)
+    betas = make_beta_schedule(args.schedule, args.timesteps,
+                               zero_terminal_snr=args.zero_terminal_snr)
+    return GaussianDiffusion(betas, args.prediction, args.loss, args.variance,
+                             min_snr_gamma=args.min_snr_gamma)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -825,12 +859,12 @@ def load_checkpoint(path):
 # The flags that shape the network or the diffusion process: a resumed run must agree on them.
 ARCHITECTURE_KEYS = ("image_size", "base_channels", "channel_mults", "num_res_blocks",
                      "attention_resolutions", "num_heads", "num_classes", "schedule", "timesteps",
-                     "prediction", "class_conditional")
+                     "prediction", "class_conditional", "zero_terminal_snr")
 
 
 def check_compatible(ckpt_args, args, path, keys=ARCHITECTURE_KEYS):
     different = [f"--{k} {ckpt_args.get(k)} (checkpoint) vs {getattr(args, k)} (now)"
-                 for k in keys if ckpt_args.get(k) != getattr(args, k)]
+                 for k in keys if k in ckpt_args and ckpt_args[k] != getattr(args, k)]
     if different:
         raise UserError(f"{path} was trained with another configuration: " + "; ".join(different))
 
@@ -1148,9 +1182,13 @@ def build_parser():
     add("model", "num_heads", 4, "attention heads", type=at_least(1))
     add("model", "dropout", 0.0, "dropout in the ResBlocks", type=fraction)
     add("model", "label_dropout", 0.1, "null-label probability in training", type=fraction)
-    add("diffusion", "schedule", "cosine", "noise schedule", choices=["linear", "cosine"])
+    add("diffusion", "schedule", "cosine", "noise schedule",
+        choices=["linear", "cosine", "sigmoid"])
+    add("diffusion", "zero_terminal_snr", False, "rescale to alpha_bar_T = 0 (Lin et al.)")
     add("diffusion", "timesteps", 1000, "diffusion steps T", type=at_least(2))
     add("diffusion", "prediction", "eps", "network output", choices=["eps", "x0", "v"])
+    add("diffusion", "min_snr_gamma", 0.0, "min-SNR-gamma loss weighting (Hang et al.; 0: off)",
+        type=at_least(0.0, float))
     add("diffusion", "loss", "mse", "elementwise error", choices=["mse", "l1", "huber"])
     add("diffusion", "variance", "small", "ancestral sigma_t^2: beta~_t (small) or beta_t",
         choices=["small", "large"])
@@ -1220,6 +1258,9 @@ def check_args(args):
     for key in ("sampling_steps", "preview_steps"):
         if getattr(args, key) > args.timesteps:
             raise UserError(f"--{key} {getattr(args, key)} exceeds --timesteps {args.timesteps}")
+    if args.zero_terminal_snr and args.prediction == "eps":
+        raise UserError("--zero_terminal_snr makes alpha_bar_T = 0, where an eps prediction "
+                        "cannot give x0: use --prediction x0 or v")
     build_diffusion(args)                                           # the schedule's own checks
     if args.dataset_path is not None and not os.path.isdir(args.dataset_path):
         raise UserError(f"--dataset_path {args.dataset_path} is not a folder")

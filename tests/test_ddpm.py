@@ -152,6 +152,51 @@ def test_cosine_schedule_matches_its_alpha_bar():
     assert betas.max() <= 0.999 and betas.max() == pytest.approx(0.999)
 
 
+def test_sigmoid_schedule_matches_its_alpha_bar_at_both_ends():
+    """Jabri et al.'s g(t) = (sig(3) - sig(6 t - 3)) / (sig(3) - sig(-3)): alpha_bar_t = g(t / T),
+    except the last step, whose beta is clipped at 0.999 (g(1) = 0)."""
+    T = 1000
+
+    def sig(z):
+        return 1 / (1 + math.exp(-z))
+
+    def g(t):
+        return (sig(3) - sig(6 * t / T - 3)) / (sig(3) - sig(-3))
+    alpha_bar = torch.cumprod(1 - ddpm.make_beta_schedule("sigmoid", T), 0)
+    for t in (0, 1, 500, 998):
+        assert alpha_bar[t].item() == pytest.approx(g(t + 1), rel=1e-9)
+    assert alpha_bar[0].item() == pytest.approx(0.9997, abs=1e-4)
+    assert alpha_bar[-1].item() == pytest.approx(0.001 * g(T - 1), rel=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "sigmoid"])
+def test_zero_terminal_snr_rescales_sqrt_alpha_bar_to_end_at_zero(kind):
+    """Lin et al. Alg. 1, r = sqrt(ab): r' = (r - r_T) r_1 / (r_1 - r_T). The first value is kept,
+    the last is exactly 0, and the order is kept."""
+    base = torch.cumprod(1 - ddpm.make_beta_schedule(kind, 1000), 0).sqrt()
+    betas = ddpm.make_beta_schedule(kind, 1000, zero_terminal_snr=True)
+    root = torch.cumprod(1 - betas, 0).sqrt()
+    expected = (base - base[-1]) * base[0] / (base[0] - base[-1])
+    np.testing.assert_allclose(root, expected, rtol=1e-10, atol=1e-12)
+    assert root[-1] == 0 and betas[-1] == 1 and root[0].item() == pytest.approx(base[0].item())
+    assert (root[1:] < root[:-1]).all()
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_min_snr_weights_against_their_formula(prediction):
+    """Hang et al.: the x0 error is weighted by min(SNR, gamma); the own-target error of eps, x0
+    and v already carries SNR, 1 and SNR + 1, so loss_weight is min(SNR, gamma) over that."""
+    betas = ddpm.make_beta_schedule("cosine", 1000)
+    ab = f64(closed_forms(betas)["ab"])
+    snr = ab / (1 - ab)
+    implied = {"eps": snr, "x0": torch.ones_like(snr), "v": snr + 1}[prediction]
+    d = ddpm.GaussianDiffusion(betas, prediction=prediction, min_snr_gamma=5.0)
+    np.testing.assert_allclose(d.loss_weight.double(), torch.minimum(snr, torch.tensor(5.0))
+                               / implied, rtol=1e-6)
+    assert torch.equal(ddpm.GaussianDiffusion(betas, prediction).loss_weight, torch.ones(1000))
+    assert d.respace(10).options["min_snr_gamma"] == 5.0
+
+
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
 def test_alpha_bar_decreases_from_one_to_zero(kind):
     ab = ddpm.GaussianDiffusion(ddpm.make_beta_schedule(kind, 1000)).alpha_bar_f64
@@ -295,6 +340,23 @@ def test_samplers_draw_the_data_distribution_with_the_bayes_optimal_denoiser(sam
         assert torch.allclose(outs[prediction], outs["eps"], atol=1e-4), prediction
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_zero_terminal_snr_samplers_draw_the_data_distribution(sampler):
+    """With alpha_bar_T = 0 (Lin et al.) x_T carries no signal; x0 and v prediction still give
+    the data's colours, in its proportions, and the same samples."""
+    colours = torch.tensor([[0.8, -0.7, -0.7], [-0.7, -0.5, 0.8]])
+    betas = ddpm.make_beta_schedule("sigmoid", 200, zero_terminal_snr=True)
+    outs = {}
+    for prediction in ("x0", "v"):
+        d = ddpm.GaussianDiffusion(betas, prediction=prediction)
+        outs[prediction] = ddpm.sample(BayesOptimal(d, colours, prediction), d, (64, 3, 4, 4),
+                                       range(64), sampler, 20)
+        distance = (outs[prediction].mean((2, 3))[:, None] - colours[None]).abs().amax(2)
+        assert distance.min(1).values.max() < 1e-3, prediction
+        assert 20 <= (distance.argmin(1) == 0).sum() <= 44, prediction
+    assert torch.allclose(outs["x0"], outs["v"], atol=1e-4)
+
+
 def test_respacing_keeps_alpha_bar_and_the_identity_respacing_is_the_process():
     d = ddpm.GaussianDiffusion(ddpm.make_beta_schedule("cosine", 1000), prediction="v",
                                loss="l1", variance="large")
@@ -302,7 +364,8 @@ def test_respacing_keeps_alpha_bar_and_the_identity_respacing_is_the_process():
     assert r.num_timesteps == 50 and r.timestep_map[0] == 0 and r.timestep_map[-1] == 999
     assert (r.timestep_map[1:] > r.timestep_map[:-1]).all()
     np.testing.assert_allclose(r.alpha_bar_f64, d.alpha_bar_f64[r.timestep_map], rtol=1e-9)
-    assert r.options == d.options == dict(prediction="v", loss="l1", variance="large")
+    assert r.options == d.options == dict(prediction="v", loss="l1", variance="large",
+                                          min_snr_gamma=0.0)
     assert (r.prediction, r.loss) == ("v", "l1")
     full = d.respace(1000)
     assert torch.equal(full.timestep_map, torch.arange(1000))
@@ -360,14 +423,17 @@ def huber(e):
     return torch.where(e.abs() < 1, 0.5 * e ** 2, e.abs() - 0.5)
 
 
-@pytest.mark.parametrize("loss, prediction, error", [
-    ("mse", "eps", lambda e: e ** 2), ("l1", "eps", lambda e: e.abs()), ("huber", "eps", huber),
-    ("mse", "x0", lambda e: e ** 2), ("mse", "v", lambda e: e ** 2)])
-def test_training_loss_is_the_error_on_the_target(loss, prediction, error):
+@pytest.mark.parametrize("loss, prediction, error, gamma", [
+    ("mse", "eps", lambda e: e ** 2, 0), ("l1", "eps", lambda e: e.abs(), 0),
+    ("huber", "eps", huber, 0), ("mse", "x0", lambda e: e ** 2, 0),
+    ("mse", "v", lambda e: e ** 2, 0), ("mse", "v", lambda e: e ** 2, 2.0),
+    ("mse", "eps", lambda e: e ** 2, 2.0)])
+def test_training_loss_is_the_error_on_the_target(loss, prediction, error, gamma):
     """With out_theta = 0 the loss is the mean error of the target: for the drawn t and noise,
-    eps, x0, or sqrt(ab) eps - sqrt(1 - ab) x0. ddpm's loss is one term."""
+    eps, x0, or sqrt(ab) eps - sqrt(1 - ab) x0, times the min-SNR weight when gamma > 0. ddpm's
+    loss is one term."""
     d = ddpm.GaussianDiffusion(ddpm.make_beta_schedule("linear", 100), prediction=prediction,
-                               loss=loss)
+                               loss=loss, min_snr_gamma=gamma)
     x0 = torch.rand(4, 3, 5, 5) * 2 - 1
     torch.manual_seed(3)
     terms = d.training_losses(lambda x, t, y=None: torch.zeros_like(x), x0)
@@ -378,7 +444,9 @@ def test_training_loss_is_the_error_on_the_target(loss, prediction, error):
     ab = f64(closed_forms(ddpm.make_beta_schedule("linear", 100))["ab"])[t].reshape(-1, 1, 1, 1)
     target = {"eps": noise.double(), "x0": x0.double(),
               "v": ab.sqrt() * noise - (1 - ab).sqrt() * x0}[prediction]
-    assert terms[0]().item() == pytest.approx(error(target).mean().item(), rel=1e-5)
+    snr = ab / (1 - ab)
+    weight = snr.clamp(max=gamma) / {"eps": snr, "v": snr + 1}[prediction] if gamma else 1
+    assert terms[0]().item() == pytest.approx((weight * error(target)).mean().item(), rel=1e-5)
 
 
 def test_micro_batch_step_backpropagates_every_term_and_returns_their_sum():

@@ -174,13 +174,15 @@ def test_samples_do_not_depend_on_patch_batch(sampler):
     assert not torch.allclose(outs[0][0], outs[0][1], atol=1e-3)
 
 
-@pytest.mark.parametrize("loss, prediction", [("l1", "eps"), ("mse", "v"), ("huber", "x0")])
-def test_chunked_loss_and_gradients_are_those_of_the_full_image(loss, prediction):
+@pytest.mark.parametrize("loss, prediction, gamma", [("l1", "eps", "0"), ("mse", "v", "0"),
+                                                     ("huber", "x0", "0"), ("mse", "v", "2")])
+def test_chunked_loss_and_gradients_are_those_of_the_full_image(loss, prediction, gamma):
     """micro_batch_step over the loss terms of K = 0 (all 16 positions in one term), 1 and 3
     (a short last chunk): the same loss and gradients as one full-image loss, the mean error of
-    the stitched output against the target, with the same t and noise."""
+    the stitched output against the target (times the min-SNR weight of --min_snr_gamma), with
+    the same t and noise."""
     args = tiny_args("--patch_divider", "4", "--attention_resolutions", "", "--loss", loss,
-                     "--prediction", prediction, num_classes=2)
+                     "--prediction", prediction, "--min_snr_gamma", gamma, num_classes=2)
     model = randomize(patch_ddpm.build_model(args)).train()
     diffusion = patch_ddpm.build_diffusion(args)
     x0, y = torch.rand(4, 3, 16, 16) * 2 - 1, torch.tensor([0, 1, 2, 1])   # 2: the null label
@@ -189,7 +191,9 @@ def test_chunked_loss_and_gradients_are_those_of_the_full_image(loss, prediction
     t = torch.randint(0, args.timesteps, (4,))
     noise = torch.randn_like(x0)
     out = model(diffusion.q_sample(x0, t, noise), t, y)            # (4, 3, 16, 16), stitched
-    expected = diffusion.error(out, diffusion.target(x0, noise, t)).mean()
+    weight = patch_ddpm.at(diffusion.loss_weight, t, x0)
+    assert (weight == 1).all() == (gamma == "0")
+    expected = (weight * diffusion.error(out, diffusion.target(x0, noise, t))).mean()
     expected.backward()
     reference = [p.grad.clone() for p in model.parameters()]
     assert any(g.abs().sum() > 0 for g in reference)

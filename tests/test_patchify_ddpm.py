@@ -155,15 +155,15 @@ def total_loss(diffusion, model, x0):
 
 
 @pytest.mark.parametrize("loss", ["mse", "l1", "huber"])
-@pytest.mark.parametrize("prediction, weight", [
-    ("x0", "sqrt_snr"), ("x0", "snr"), ("x0", "none"), ("eps", "sqrt_snr"), ("eps", "none"),
-    ("v", "sqrt_snr")])
-def test_loss_is_the_weighted_x0_error(prediction, weight, loss):
+@pytest.mark.parametrize("prediction, weight, gamma", [
+    ("x0", "sqrt_snr", 0), ("x0", "snr", 0), ("x0", "none", 0), ("eps", "sqrt_snr", 0),
+    ("eps", "none", 0), ("v", "sqrt_snr", 0), ("x0", "snr", 5.0)])
+def test_loss_is_the_weighted_x0_error(prediction, weight, loss, gamma):
     """L = mean(w(t) e(x0 - x0_hat)), e the squared (the paper), absolute or Huber error,
     recomputed in float64 from the same t and noise; x0_hat is the output (x0) or comes from
-    eps_hat or v_hat by Eq. 4."""
+    eps_hat or v_hat by Eq. 4; w clipped at gamma (min-SNR-gamma with w = SNR)."""
     betas = pf.make_beta_schedule("linear", 100, 0.02)
-    d = pf.PatchifyDiffusion(betas, prediction, loss, "small", weight)
+    d = pf.PatchifyDiffusion(betas, prediction, loss, "small", weight, gamma)
     x0 = torch.rand(6, 3, 4, 4) * 2 - 1
     torch.manual_seed(3)
     value = total_loss(d, linear_model, x0)
@@ -178,6 +178,7 @@ def test_loss_is_the_weighted_x0_error(prediction, weight, loss):
               "v": a.sqrt() * x_t - (1 - a).sqrt() * out}[prediction]
     snr = a / (1 - a)
     w = {"sqrt_snr": snr.sqrt(), "snr": snr, "none": torch.ones_like(snr)}[weight]
+    w = w.clamp(max=gamma) if gamma else w
     e = (x0 - x0_hat).abs()
     error = {"mse": e ** 2, "l1": e, "huber": torch.where(e < 1, 0.5 * e ** 2, e - 0.5)}[loss]
     assert value.item() == pytest.approx((w * error).mean().item(), rel=1e-4)

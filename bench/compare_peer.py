@@ -1,0 +1,321 @@
+"""ddpm.py against lucidrains' denoising-diffusion-pytorch at the same budget, on a folder you name.
+
+Both train on the same folder for the same number of steps of the same batch at the same size,
+with the same seed; both then draw the same number of samples with 50 deterministic DDIM steps
+from their EMA weights. The table gives, per row: parameters; the time of one training step,
+both implementations measured in this process on the same batch (the speed comparison); the
+wall time of the whole training run (startup, data, previews included); a Frechet distance;
+the samples left in noise; and, when the folder has class subfolders, the classes covered.
+
+    python bench/compare_peer.py --dataset_path DIR --out bench/results/peer_DIR.md
+    python bench/compare_peer.py --out bench/results/peer_landscapes.md    # built-in landscapes
+    python bench/compare_peer.py --dataset_path DIR --no_peer --variant eps= \\
+        --variant v="--prediction v --schedule sigmoid"                     # an ablation
+
+Each --variant NAME=FLAGS is one ddpm.py row: the flags are added to the shared budget flags
+(default: one row, "ddpm.py", with the quick preset). The peer is not a dependency of this
+repository; install it in its own environment and run this script with that environment's
+python, so that both run on one torch build:
+    python -m venv peer && peer/bin/pip install denoising-diffusion-pytorch -r requirements.txt
+(denoising-diffusion-pytorch imports torchvision, which needs its matching torch release.)
+The peer row is its README's setup: Unet(dim, dim_mults) and GaussianDiffusion with their
+defaults (v prediction, sigmoid schedule), its Trainer with Adam at --peer_lr, EMA 0.995.
+
+The feature space of the Frechet distance (Heusel et al. 2017) is pixel statistics: every image,
+real or sampled, is box-filtered to an 8 x 8 RGB thumbnail, 192 numbers in [0, 1], and the
+distance is taken between Gaussians fitted to the samples and to all real images. The table's
+reference rows are real images against themselves (as many as the samples, drawn at random) and
+uniform noise. "Left in noise": samples whose high-frequency energy, the mean |x - 3x3 box blur
+of x| of their grey values, exceeds that of every real image. "Classes": distinct classes among
+the samples' nearest real images in thumbnail space.
+"""
+
+import argparse
+import datetime
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import ddpm  # noqa: E402
+
+PEER_INSTALL = ("install it in its own environment and run this script with that python: "
+                "python -m venv peer && peer/bin/pip install denoising-diffusion-pytorch "
+                "-r requirements.txt")
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics
+# ------------------------------------------------------------------------------------------------
+
+
+def thumbnails(images):
+    """uint8 (N, 3, H, W) -> float64 (N, 192): 8 x 8 box-filtered thumbnails in [0, 1]."""
+    x = torch.from_numpy(np.asarray(images)).double() / 255
+    return F.adaptive_avg_pool2d(x, 8).flatten(1).numpy()
+
+
+def frechet_distance(a, b):
+    """||mu_a - mu_b||^2 + tr(C_a + C_b - 2 (C_a C_b)^(1/2)) between Gaussians fitted to the rows.
+    tr (C_a C_b)^(1/2) = tr (C_a^(1/2) C_b C_a^(1/2))^(1/2), a symmetric matrix (eigh)."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    c_a, c_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    w, v = np.linalg.eigh(c_a)
+    root_a = (v * np.sqrt(w.clip(min=0))) @ v.T
+    cross = np.sqrt(np.linalg.eigvalsh(root_a @ c_b @ root_a).clip(min=0)).sum()
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(c_a) + np.trace(c_b) - 2 * cross)
+
+
+def high_frequency(images):
+    """uint8 (N, 3, H, W) -> (N,): mean |g - box3x3(g)| of the grey values g in [0, 1]."""
+    g = torch.from_numpy(np.asarray(images)).float().mean(1, keepdim=True) / 255
+    blur = F.avg_pool2d(F.pad(g, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    return (g - blur).abs().mean((1, 2, 3)).numpy()
+
+
+def score(samples, real, labels):
+    """-> (FD, samples left in noise, classes covered or None) of uint8 samples against reals."""
+    fd = frechet_distance(thumbnails(samples), thumbnails(real))
+    noisy = int((high_frequency(samples) > high_frequency(real).max()).sum())
+    if labels is None:
+        return fd, noisy, None
+    s, r = torch.from_numpy(thumbnails(samples)), torch.from_numpy(thumbnails(real))
+    nearest = torch.cdist(s, r).argmin(1).numpy()
+    return fd, noisy, len(set(np.asarray(labels)[nearest].tolist()))
+
+
+# ------------------------------------------------------------------------------------------------
+# The two implementations
+# ------------------------------------------------------------------------------------------------
+
+
+def budget_flags(args):
+    return ["--image_size", str(args.image_size), "--batch_size", str(args.batch_size),
+            "--max_steps", str(args.steps), "--channel_mults", args.channel_mults,
+            "--base_channels", str(args.dim), "--seed", str(args.seed)]
+
+
+def ours_args(args, flags):
+    data = ["--dataset_path", args.dataset_path] if args.dataset_path else []
+    return ddpm.parse_args(data + budget_flags(args) + flags)
+
+
+def step_time(step, repeats=10):
+    """Seconds per call of step() after two warm-up calls, the median of `repeats`."""
+    for _ in range(2):
+        step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def ours_step(args, flags):
+    """(parameters, seconds per training step) of ddpm.py's network and loss on a random batch."""
+    config = ours_args(args, flags)
+    torch.manual_seed(0)
+    model, diffusion = ddpm.build_model(config), ddpm.build_diffusion(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x0 = torch.rand(args.batch_size, 3, args.image_size, args.image_size) * 2 - 1
+
+    def step():
+        for term in diffusion.training_losses(model, x0):
+            term().backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return sum(p.numel() for p in model.parameters()), step_time(step)
+
+
+def peer_diffusion(args):
+    from denoising_diffusion_pytorch import GaussianDiffusion, Unet
+    dim_mults = tuple(int(m) for m in args.channel_mults.split(","))
+    return GaussianDiffusion(Unet(dim=args.dim, dim_mults=dim_mults), image_size=args.image_size,
+                             timesteps=1000, sampling_timesteps=50)
+
+
+def peer_step(args):
+    """(parameters, seconds per training step) of the peer on a random batch, as its Trainer."""
+    torch.manual_seed(0)
+    diffusion = peer_diffusion(args)
+    opt = torch.optim.Adam(diffusion.parameters(), lr=args.peer_lr, betas=(0.9, 0.99))
+    x = torch.rand(args.batch_size, 3, args.image_size, args.image_size)
+
+    def step():
+        diffusion(x).backward()
+        torch.nn.utils.clip_grad_norm_(diffusion.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return sum(p.numel() for p in diffusion.model.parameters()), step_time(step)
+
+
+def run_ours(args, name, flags, work):
+    """Train ddpm.py in a subprocess, then sample it. -> (wall seconds of training, samples)."""
+    out = os.path.join(work, name)
+    data = ["--dataset_path", args.dataset_path] if args.dataset_path else []
+    train = ([sys.executable, os.path.join(ROOT, "ddpm.py"), *data, *budget_flags(args),
+              "--output_dir", out, "--cache_dir", os.path.join(work, "cache"),
+              "--save_every", str(args.steps), "--sample_every", str(args.steps)] + flags)
+    start = time.perf_counter()
+    subprocess.run(train, check=True, stdout=subprocess.DEVNULL)
+    seconds = time.perf_counter() - start
+    samples = os.path.join(out, "samples")
+    subprocess.run([sys.executable, os.path.join(ROOT, "ddpm.py"), "--sample", "--checkpoint",
+                    os.path.join(out, "checkpoints", "last.pt"), "--num_samples",
+                    str(args.num_samples), "--sampling_steps", "50", "--sampler", "ddim",
+                    "--eta", "0", "--batch_size", "100", "--output_dir", samples,
+                    "--seed", str(args.seed)], check=True, stdout=subprocess.DEVNULL)
+    images = [np.asarray(Image.open(os.path.join(samples, f"{i:05d}.png")).convert("RGB"))
+              for i in range(args.num_samples)]
+    return seconds, np.stack(images).transpose(0, 3, 1, 2)
+
+
+def run_peer(args, folder, work):
+    """Train the peer with its Trainer on `folder`, then sample its EMA model in batches of 100.
+    -> (wall seconds of training, uint8 samples)."""
+    from denoising_diffusion_pytorch import Trainer
+    torch.manual_seed(args.seed)
+    start = time.perf_counter()
+    trainer = Trainer(peer_diffusion(args), folder, train_batch_size=args.batch_size,
+                      train_lr=args.peer_lr, train_num_steps=args.steps, ema_decay=0.995,
+                      save_and_sample_every=args.steps, num_samples=16,
+                      results_folder=os.path.join(work, "peer"), convert_image_to="RGB",
+                      calculate_fid=False)
+    trainer.train()
+    seconds = time.perf_counter() - start
+    torch.manual_seed(args.seed)
+    model, images = trainer.ema.ema_model.eval(), []
+    with torch.no_grad():
+        for start in range(0, args.num_samples, 100):
+            batch = model.sample(batch_size=min(100, args.num_samples - start))
+            images.append((batch.clamp(0, 1) * 255).round().byte().numpy())
+    return seconds, np.concatenate(images)
+
+
+# ------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------
+
+
+def real_images(args, work):
+    """uint8 (N, 3, S, S) real images, their labels (or None), and a folder the peer can read
+    (the user's folder, or the built-in landscapes, day and dusk, written out as PNG files)."""
+    size = args.image_size
+    if args.dataset_path is None:
+        drawn = [ddpm.procedural_landscape(i, size, size, args.seed) for i in range(args.num_real)]
+        images, labels = np.stack([d[0] for d in drawn]), [d[1] for d in drawn]
+        folder = os.path.join(work, "landscapes")
+        os.makedirs(folder, exist_ok=True)
+        for i, image in enumerate(images):
+            ddpm.save_png(image.transpose(1, 2, 0), os.path.join(folder, f"{i:05d}.png"))
+        return images, labels, folder
+    paths, labels, _ = ddpm.find_images(args.dataset_path, args.classes)
+    loaded = [ddpm.load_image(p, size, size) for p in paths]
+    keep = [i for i, image in enumerate(loaded) if image is not None]
+    labels = None if labels is None else [labels[i] for i in keep]
+    return np.stack([loaded[i][0] for i in keep]), labels, args.dataset_path
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dataset_path", help="image folder (default: the built-in landscapes)")
+    p.add_argument("--classes", action="store_true",
+                   help="the folder's top-level subfolders are classes (the classes column)")
+    p.add_argument("--out", required=True, help="the Markdown table to write")
+    p.add_argument("--work_dir", default=os.path.join("runs", "compare_peer"))
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--image_size", type=int, default=32)
+    p.add_argument("--dim", type=int, default=32, help="the base width of both U-Nets")
+    p.add_argument("--channel_mults", default="1,2,4", help="both U-Nets' width per level")
+    p.add_argument("--num_samples", type=int, default=400)
+    p.add_argument("--num_real", type=int, default=4096, help="built-in images (no folder)")
+    p.add_argument("--peer_lr", type=float, default=2e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--variant", action="append", metavar="NAME=FLAGS",
+                   help="a ddpm.py row: its name and the flags it adds (repeatable)")
+    p.add_argument("--no_peer", action="store_true", help="ddpm.py rows only")
+    args = p.parse_args()
+    variants = [v.partition("=")[::2] for v in args.variant or ["ddpm.py="]]
+    if not args.no_peer:
+        try:
+            import denoising_diffusion_pytorch  # noqa: F401
+        except ImportError:
+            sys.exit(f"compare_peer.py: error: denoising-diffusion-pytorch is missing; "
+                     f"{PEER_INSTALL}")
+    os.makedirs(args.work_dir, exist_ok=True)
+    real, labels, folder = real_images(args, args.work_dir)
+    base = os.path.splitext(args.out)[0]
+    rows = []
+
+    def add_row(name, params, step, seconds, samples, flags=None):
+        fd, noisy, covered = score(samples, real, labels)
+        ddpm.save_png(ddpm.make_grid(torch.from_numpy(samples[:64])),
+                      f"{base}_{name.replace(' ', '_').replace('/', '_')}.png")
+        rows.append((name, flags, params, step, seconds, fd, noisy, covered))
+        print(f"{name}: FD {fd:.4f}, {noisy} left in noise, classes {covered}", flush=True)
+
+    # The step times first, one after the other in this process, before any training run.
+    steps = {name: ours_step(args, shlex.split(flags)) for name, flags in variants}
+    if not args.no_peer:
+        steps["peer"] = peer_step(args)
+    for name, flags in variants:
+        seconds, samples = run_ours(args, name.replace(" ", "_"), shlex.split(flags),
+                                    args.work_dir)
+        add_row(name, *steps[name], seconds, samples, flags)
+    if not args.no_peer:
+        seconds, samples = run_peer(args, folder, args.work_dir)
+        add_row("peer", *steps["peer"], seconds, samples)
+    write_table(args, rows, real, labels)
+
+
+def write_table(args, rows, real, labels):
+    rng = np.random.default_rng(args.seed)
+    drawn = real[rng.choice(len(real), min(args.num_samples, len(real)), replace=False)]
+    noise = rng.integers(0, 256, (args.num_samples, *real.shape[1:]), dtype=np.uint8)
+    lines = [
+        f"# ddpm.py against denoising-diffusion-pytorch: "
+        f"{args.dataset_path or 'the built-in landscapes'}",
+        "",
+        f"{datetime.date.today()}, {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}. Written by",
+        "",
+        f"    python bench/compare_peer.py {shlex.join(sys.argv[1:])}",
+        "",
+        f"{len(real)} real images at {args.image_size} x {args.image_size}; every row: "
+        f"{args.steps} steps of batch {args.batch_size}, seed {args.seed}; {args.num_samples} "
+        f"samples, 50 DDIM steps (eta 0), EMA weights. Step: seconds per training step, "
+        f"measured in one process for every row; wall: the whole training run. FD: Frechet "
+        f"distance of 8 x 8 thumbnails (lower is better).",
+        "",
+        "| row | ddpm.py flags | parameters | step (s) | wall (s) | FD | left in noise | classes |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    classes = "-" if labels is None else len(set(labels))
+    for name, flags, params, step, seconds, fd, noisy, covered in rows:
+        flags = "(peer)" if flags is None else f"`{flags}`" if flags else "(quick preset)"
+        lines.append(f"| {name} | {flags} | {params / 1e6:.2f}M | {step:.3f} | {seconds:.0f} | "
+                     f"{fd:.4f} | {noisy} / {args.num_samples} | "
+                     f"{'-' if covered is None else covered} / {classes} |")
+    for name, images in (("real images (drawn)", drawn), ("uniform noise", noise)):
+        fd, noisy, covered = score(images, real, labels)
+        lines.append(f"| {name} | | | | | {fd:.4f} | {noisy} / {len(images)} | "
+                     f"{'-' if covered is None else covered} / {classes} |")
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
