@@ -1,16 +1,19 @@
-"""bench/bench_methods.py and bench/bench_kernels.py run end to end, and the kernels' targets are
-judged correctly (no timing is asserted: speed lives in bench/)."""
+"""bench/bench_methods.py, bench/bench_kernels.py and bench/compare_peer.py run end to end, the
+kernels' targets are judged correctly, and compare_peer's metrics are right (no timing is
+asserted: speed lives in bench/)."""
 
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "bench"))
 import bench_kernels  # noqa: E402
 import bench_methods  # noqa: E402
+import compare_peer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -157,3 +160,49 @@ def test_kernel_targets_are_judged_from_the_measurements(monkeypatch):
     rows = bench_kernels.target_rows(big, None, None, 2 * 5 * 2**27 / 1e-3)  # 2x what it got
     bandwidth = [r for r in rows if r[0].startswith("GN: fraction of copy bandwidth")]
     assert [(r[2], r[4]) for r in bandwidth] == [("50%", "missed by 33%")]
+
+
+def test_frechet_distance_against_its_closed_form():
+    """Gaussians with diagonal covariances: FD = |mu_a - mu_b|^2 + sum (s_a - s_b)^2; 0 for one
+    sample set against itself."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((200_000, 3)) * [1.0, 2.0, 0.5]
+    b = rng.standard_normal((200_000, 3)) * [3.0, 1.0, 0.5] + [1.0, 0.0, -2.0]
+    expected = 1 + 4 + (1 - 3) ** 2 + (2 - 1) ** 2
+    assert compare_peer.frechet_distance(a, b) == pytest.approx(expected, rel=0.02)
+    assert abs(compare_peer.frechet_distance(a, a)) < 1e-6
+
+
+def test_noise_and_class_scores():
+    """Flat images have no high-frequency energy, uniform noise has much; a sample nearest to a
+    real image of class c counts c as covered."""
+    flat = np.stack([np.full((3, 16, 16), v, np.uint8) for v in (0, 100, 200, 255)])
+    noise = np.random.default_rng(0).integers(0, 256, (5, 3, 16, 16), dtype=np.uint8)
+    assert (compare_peer.high_frequency(flat) == 0).all()
+    assert (compare_peer.high_frequency(noise) > 0.1).all()
+    fd, noisy, covered = compare_peer.score(noise, flat, [0, 0, 1, 1])
+    assert noisy == 5 and fd > 0.1 and covered in (1, 2)
+    fd, noisy, covered = compare_peer.score(flat[:2], flat, [0, 0, 1, 1])
+    assert noisy == 0 and covered == 1
+
+
+def test_compare_peer_ddpm_rows_run_end_to_end(tmp_path):
+    """Two ddpm.py rows on a folder of two classes: a table with both rows and the references."""
+    from PIL import Image
+    for c, colour in enumerate([(200, 30, 30), (30, 30, 200)]):
+        (tmp_path / "data" / str(c)).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (16, 16), colour).save(tmp_path / "data" / str(c) / f"{i}.png")
+    out = tmp_path / "table.md"
+    subprocess.run([sys.executable, os.path.join(ROOT, "bench", "compare_peer.py"),
+                    "--dataset_path", str(tmp_path / "data"), "--classes", "--no_peer",
+                    "--steps", "2", "--batch_size", "2", "--image_size", "16", "--dim", "8",
+                    "--channel_mults", "1,2", "--num_samples", "4", "--work_dir",
+                    str(tmp_path / "work"), "--out", str(out), "--variant", "eps=",
+                    "--variant", "v=--prediction v --schedule sigmoid"], check=True,
+                   capture_output=True)
+    table = out.read_text()
+    for row in ("| eps | (quick preset) | ", "| v | `--prediction v --schedule sigmoid` |",
+                "| real images (drawn) |", "| uniform noise |"):
+        assert row in table
+    assert (tmp_path / "table_v.png").exists()
