@@ -103,9 +103,8 @@ def timestep_embedding(t, dim, max_period=10000):
 
 # Copied from ddpm.norm_groups
 def norm_groups(channels):
-    """ADM's GroupNorm(32), but never fewer than 4 channels per group: at a CPU-sized width of 32,
-    one channel per group would erase the mean colour of flat regions. Widths 32 does not
-    divide take the largest count that does."""
+    """ADM's GroupNorm(32), but at least 4 channels per group (at a CPU-sized width of 32, one
+    channel per group would erase the mean colour of flat regions); else the largest divisor."""
     return max(g for g in range(1, 33) if channels % g == 0 and channels // g >= min(4, channels))
 
 
@@ -179,16 +178,13 @@ class AttentionBlock(nn.Module):
 
 # Copied from ddpm.UNet
 class UNet(nn.Module):
-    """The network of Ho et al. in ADM's form, out_theta(x_t, t, y, emb). Encoder: per level
-    `num_res_blocks` ResBlocks (+ attention where the feature map's shorter side is in
-    `attention_resolutions`), then a stride-2 convolution. Middle: ResBlock, attention, ResBlock.
-    Decoder: per level `num_res_blocks + 1` ResBlocks, each fed the concatenation with one stored
-    encoder activation, then nearest upsampling and a 3x3 convolution. Output: GN, SiLU and a
-    zero-initialised convolution, so the untrained network outputs 0.
-
-    Conditioning: MLP(sinusoid(t)) + class_emb(y) + `emb`, the scale/shift of every ResBlock.
-    `emb` (B, 4 * base_channels) is the door for a method's own conditioning. Label
-    `num_classes` is the learned null label of classifier-free guidance (y = None uses it)."""
+    """The network of Ho et al. in ADM's form, out_theta(x_t, t, y, emb). Per encoder level
+    `num_res_blocks` ResBlocks (+ attention where the shorter side is in `attention_resolutions`)
+    and a stride-2 convolution; middle: ResBlock, attention, ResBlock; per decoder level one more
+    ResBlock, each fed one stored encoder activation, then nearest upsampling and a 3x3 conv; out:
+    GN, SiLU, a zero-initialised conv (the untrained network outputs 0). Every ResBlock's
+    scale/shift comes from MLP(sinusoid(t)) + class_emb(y) + `emb` (B, 4 * base_channels), the
+    door for a method's own conditioning. Label `num_classes` is guidance's null label (no y)."""
 
     def __init__(self, in_channels=3, out_channels=3, base_channels=64, channel_mults=(1, 2, 2),
                  num_res_blocks=1, attention_resolutions=(8,), num_heads=4, dropout=0.0,
@@ -361,13 +357,11 @@ def build_model(args):
 # Copied from ddpm.make_beta_schedule
 def make_beta_schedule(kind, timesteps, beta_end=0.02, zero_terminal_snr=False):
     """beta_1..beta_T in float64. linear (Ho et al. Sec. 4): 1e-4 to `beta_end` at T = 1000, both
-    ends scaled by 1000 / T for other T (Nichol & Dhariwal's code). cosine (Nichol & Dhariwal
-    Eq. 17): alpha_bar(t) = f(t) / f(0), f(t) = cos^2((t/T + s) / (1 + s) pi/2), s = 0.008.
-    sigmoid (Jabri et al. 2022; start -3, end 3, tau 1): alpha_bar(t) =
-    (sig(3) - sig(6 t/T - 3)) / (sig(3) - sig(-3)). In both, beta_t = 1 - alpha_bar(t) /
-    alpha_bar(t-1), clipped at 0.999. zero_terminal_snr (Lin et al. 2024, Alg. 1): sqrt(alpha_bar)
-    shifted to end at 0 and scaled to keep its first value, so that x_T is pure noise, as the
-    sampler assumes (eps cannot be inverted there: check_args asks for x0 or v)."""
+    scaled by 1000 / T (Nichol & Dhariwal's code). Else beta_t = 1 - alpha_bar(t) / alpha_bar(t-1)
+    clipped at 0.999, with cosine (Nichol & Dhariwal Eq. 17) alpha_bar(t) = f(t) / f(0), f(t) =
+    cos^2((t/T + s) / (1 + s) pi/2), s = 0.008, or sigmoid (Jabri et al.; start -3, end 3, tau 1)
+    alpha_bar(t) = (sig(3) - sig(6 t/T - 3)) / (sig(3) - sig(-3)). zero_terminal_snr (Lin et al.
+    Alg. 1): sqrt(alpha_bar) shifted to end at 0, scaled to keep its first value (x_T is noise)."""
     if kind == "linear":
         scale = 1000 / timesteps
         if not 0 < scale * beta_end < 1:
@@ -397,18 +391,13 @@ def at(buffer, t, x):
 
 # Copied from ddpm.GaussianDiffusion
 class GaussianDiffusion(nn.Module):
-    """q(x_t | x_0) and the reverse steps, computed once from the betas in float64 and stored as
-    float32 buffers. Index t runs over 0..T-1 (the paper's step t + 1). A respaced process has
-    its own betas over a subset of the steps and a `timestep_map` back to them, which is what the
-    network is conditioned on.
-
-    `prediction` is what the network outputs: eps (Ho et al.), x0, or v = sqrt(alpha_bar) eps -
-    sqrt(1 - alpha_bar) x0 (Salimans & Ho Sec. 4). Each is trained with the plain error on its
-    own target, which weights the x0 error by SNR (eps), 1 (x0) or SNR + 1 (v), SNR = alpha_bar /
-    (1 - alpha_bar). min_snr_gamma > 0 (Hang et al. 2023, Eq. 11) multiplies the error by
-    `loss_weight` = min(SNR, gamma) / that weight, so that the x0 error is weighted by min(SNR,
-    gamma) whatever the prediction. `variance` is the ancestral step's sigma_t^2: small beta~_t
-    or large beta_t (Ho et al. Sec. 3.2)."""
+    """q(x_t | x_0) and the reverse steps, from the betas in float64, kept as float32 buffers.
+    Index t is the paper's step t + 1. A respaced process has betas over a subset of the steps
+    and a `timestep_map` back to them (what the network is conditioned on). `prediction`: eps,
+    x0 or v. Each is trained on its own target, which weights the x0 error by SNR (eps), 1 (x0)
+    or SNR + 1 (v), SNR = alpha_bar / (1 - alpha_bar); min_snr_gamma > 0 (Hang et al. Eq. 11)
+    multiplies by `loss_weight` = min(SNR, gamma) / that weight. `variance`: the ancestral
+    sigma_t^2, small beta~_t or large beta_t (Ho et al. Sec. 3.2)."""
 
     def __init__(self, betas, prediction="eps", loss="mse", variance="small", timestep_map=None,
                  min_snr_gamma=0.0):
@@ -445,9 +434,9 @@ class GaussianDiffusion(nn.Module):
         return a * x0 + b * noise
 
     def target(self, x0, noise, t):
-        """What the network learns to output at (x_t, t): eps, x0, or v = sqrt(alpha_bar) eps -
+        """What the network learns to output: eps, x0, or v = sqrt(alpha_bar) eps -
         sqrt(1 - alpha_bar) x0 (Salimans & Ho Sec. 4)."""
-        if self.prediction in ("eps", "x0"):
+        if self.prediction != "v":
             return noise if self.prediction == "eps" else x0
         a, b = at(self.sqrt_alpha_bar, t, x0), at(self.sqrt_one_minus_alpha_bar, t, x0)
         return a * noise - b * x0
@@ -467,13 +456,10 @@ class GaussianDiffusion(nn.Module):
         return fn(out, target, reduction="none")
 
     def training_losses(self, model, x0, y=None):
-        """L_simple (Ho et al. Eq. 14, Algorithm 1): t ~ U{0..T-1}, eps ~ N(0, I), the error of
-        out_theta(x_t, t, y) on its target, times loss_weight(t), averaged over pixels and batch.
-        Index 0 (the paper's t = 1) is drawn too: the last denoising step must be learned.
-
-        Returns a list of functions, each computing one term of the loss; the terms add up to
-        the loss. Here there is one; a method can split its loss into chunks, which
-        micro_batch_step then backpropagates one at a time."""
+        """L_simple (Ho et al. Eq. 14, Alg. 1): t ~ U{0..T-1} (0 too: the last step must be
+        learned), eps ~ N(0, I), loss_weight(t) times the error of out_theta(x_t, t, y) on its
+        target, averaged. Returns the loss as a list of terms (functions) that add up to it: here
+        one; a method may split it into chunks that micro_batch_step backpropagates in turn."""
         t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
         noise = torch.randn_like(x0)
         x_t, target = self.q_sample(x0, t, noise), self.target(x0, noise, t)
@@ -497,8 +483,8 @@ class GaussianDiffusion(nn.Module):
         x0_hat clipped to [-1, 1] and eps_hat recomputed from it. eta = 1 is ancestral."""
         a, a_prev = at(self.alpha_bar, t, x_t), at(self.alpha_bar_prev, t, x_t)
         x0 = self.x0_and_eps(x_t, t, out)[0].clamp(-1, 1)
-        eps = (x_t - at(self.sqrt_alpha_bar, t, x_t) * x0) / at(self.sqrt_one_minus_alpha_bar, t,
-                                                                x_t)
+        b = at(self.sqrt_one_minus_alpha_bar, t, x_t)
+        eps = (x_t - at(self.sqrt_alpha_bar, t, x_t) * x0) / b
         s = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).clamp(min=0).sqrt()
         x_prev = a_prev.sqrt() * x0 + (1 - a_prev - s ** 2).clamp(min=0).sqrt() * eps
         return x_prev + s * noise if eta > 0 else x_prev
@@ -558,9 +544,8 @@ def build_diffusion(args):
 
 # Copied from ddpm.guided_output
 def guided_output(model, x, t, y, guidance_scale):
-    """Classifier-free guidance (Ho & Salimans Eq. 6): out_u + s (out_c - out_u), which is
-    (1 + w) out_c - w out_u with s = 1 + w; the same for eps, x0 and v (affine in each other).
-    s = 1 is one conditional pass."""
+    """Classifier-free guidance (Ho & Salimans Eq. 6, s = 1 + w): out_u + s (out_c - out_u), for
+    eps, x0 and v alike (affine in each other). s = 1 is one conditional pass."""
     if y is None or guidance_scale == 1.0:
         return model(x, t, y).float()
     null = torch.full_like(y, model.num_classes)
@@ -571,8 +556,8 @@ def guided_output(model, x, t, y, guidance_scale):
 
 # Copied from ddpm.per_image_noise
 def per_image_noise(shape, seeds, device):
-    """A function drawing noise of `shape` (B, ...), image i from a generator seeded by seeds[i],
-    so an image's noise does not depend on its batch (as in EDM)."""
+    """A function drawing noise of `shape` (B, ...), image i's from a generator seeded by
+    seeds[i]: an image's noise does not depend on its batch (as in EDM)."""
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     return lambda: torch.stack([torch.randn(shape[1:], generator=g) for g in generators]).to(device)
 
@@ -641,8 +626,7 @@ def sample_main(args, ckpt):
         model = AveragedModel(model)
     model.load_state_dict({"ema": ckpt["ema"]["shadow"], "model": ckpt["model"],
                            "swa": ckpt["swa"]}[args.weights])
-    model = getattr(model, "module", model)
-    trajectory = [] if args.save_gif else None
+    model, trajectory = getattr(model, "module", model), [] if args.save_gif else None
     images = generate(model.to(device).eval(), build_diffusion(args).to(device), args,
                       args.num_samples, args.sampling_steps, args.seed, trajectory, progress=True)
     os.makedirs(args.output_dir, exist_ok=True)
@@ -650,12 +634,12 @@ def sample_main(args, ckpt):
         save_png(image.numpy().transpose(1, 2, 0), os.path.join(args.output_dir, f"{i:05d}.png"))
     save_png(make_grid(images), os.path.join(args.output_dir, "grid.png"))
     if trajectory:
-        frames = [Image.fromarray(make_grid(to_uint8(x))) for x in trajectory]
+        frames = [Image.fromarray(make_grid(to_uint8(x)))           # the final image held 10x
+                  for x in trajectory + trajectory[-1:] * 10]
         path = os.path.join(args.output_dir, "trajectory.gif")
-        frames += frames[-1:] * 10                                  # hold the final image
-        frames[0].save(path + ".tmp.gif", save_all=True, append_images=frames[1:], duration=60,
+        frames[0].save(f"{path}.tmp.gif", save_all=True, append_images=frames[1:], duration=60,
                        loop=0)
-        os.replace(path + ".tmp.gif", path)
+        os.replace(f"{path}.tmp.gif", path)
     print(f"wrote {len(images)} samples and grid.png to {args.output_dir}")
     return 0
 
@@ -670,10 +654,10 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 
 # Copied from ddpm.procedural_landscape
 def procedural_landscape(index, height, width, seed=0):
-    """A built-in training image, drawn in continuous coordinates so any resolution shows the same
-    scene: global structure (sky, horizon, sun, ridges) across the image, detail (rock texture,
-    ripples) at the pixel scale. Only a model that sees across patches keeps the ridges
-    continuous at patch borders. Label 0 is a day palette, 1 dusk. -> (uint8 (3, H, W), label)."""
+    """A built-in image in continuous coordinates (any resolution, the same scene): sky, horizon,
+    sun and ridges across the image (only a model that sees across patches keeps the ridges
+    continuous at their borders), rock texture and ripples at the pixel scale. Label 0: day,
+    1: dusk. -> (uint8 (3, H, W), label)."""
     rng = np.random.default_rng([seed, index])
     label = int(rng.integers(2))
     y = (np.arange(height)[:, None] + 0.5) / height                # (H, 1), 0 at the top
@@ -709,8 +693,8 @@ def procedural_landscape(index, height, width, seed=0):
 
 # Copied from ddpm.find_images
 def find_images(root, class_conditional):
-    """Image files under `root` (recursive, sorted, symbolic links followed once), with class
-    indices from the top-level subfolder names when `class_conditional`."""
+    """Image files under `root` (recursive, sorted, links followed once) and, when
+    `class_conditional`, class indices from the top-level subfolder names."""
     paths, seen = [], set()
     for folder, subfolders, files in os.walk(root, followlinks=True):
         if os.path.realpath(folder) in seen:                        # a link cycle
@@ -752,8 +736,8 @@ def to_rgb(image):
 
 # Copied from ddpm.load_image
 def load_image(path, height, width):
-    """Decode, upright by EXIF, RGB, resize to cover H x W, centre-crop.
-    -> (uint8 (3, H, W), upscaled?), or None if the file cannot be read."""
+    """Decode, upright by EXIF, RGB, resize to cover H x W, centre-crop. -> (uint8 (3, H, W),
+    upscaled?), or None if the file cannot be read."""
     try:
         with Image.open(path) as image:
             image.draft("RGB", (width, height))                     # JPEG: decode at 1/2..1/8
@@ -772,34 +756,32 @@ def load_image(path, height, width):
 
 # Copied from ddpm.build_cache
 def build_cache(base, count, height, width, decode, num_workers):
-    """Decode images 0..count-1 with a thread pool (PIL releases the GIL) into the uint8 array
-    file `base`.npy (N, 3, H, W), written through np.lib.format.open_memmap so the dataset never
-    has to fit in memory. decode(i) -> (uint8 (3, H, W), extra) or None; failed images are
-    dropped, and `base`.json lists the kept ones and their extras. The array gets its name last:
-    an interrupted build is never taken for a finished one."""
-    tmp = f"{base}.{os.getpid()}.tmp.npy"
+    """Decode images 0..count-1 on a thread pool (PIL releases the GIL) into `base`.npy, uint8
+    (N, 3, H, W), through a memory map: the dataset never has to fit in memory. decode(i) ->
+    (image, extra) or None; failed images are dropped, `base`.json lists the kept ones and their
+    extras. The array is renamed last: an interrupted build is never taken for a finished one."""
+    tmp, shape = f"{base}.{os.getpid()}.tmp.npy", (3, height, width)
     try:
-        array = np.lib.format.open_memmap(tmp, "w+", np.uint8, (count, 3, height, width))
+        array = np.lib.format.open_memmap(tmp, "w+", np.uint8, (count, *shape))
 
         def work(i):
             result = decode(i)
             if result is not None:
                 array[i] = result[0]                                # each thread its own rows
-            return None if result is None else result[1]
+                return result[1]
 
         with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
             extras = list(pool.map(work, range(count)))
         kept = [i for i, e in enumerate(extras) if e is not None]
         if not kept:
             raise UserError(f"none of the {count} image files could be read")
+        array.flush()
         if len(kept) < count:                                       # copy to a file of N rows
-            final = np.lib.format.open_memmap(tmp + ".npy", "w+", np.uint8, (len(kept),
-                                                                            *array.shape[1:]))
+            final = np.lib.format.open_memmap(tmp + ".npy", "w+", np.uint8, (len(kept), *shape))
             for j, i in enumerate(kept):
                 final[j] = array[i]
             final.flush()
             os.replace(tmp + ".npy", tmp)
-        array.flush()
         with open(tmp + ".json", "w") as f:
             json.dump({"kept": kept, "extras": [extras[i] for i in kept]}, f)
         os.replace(tmp + ".json", base + ".json")
@@ -811,14 +793,14 @@ def build_cache(base, count, height, width, decode, num_workers):
 
 
 # Copied from ddpm.load_dataset
-def load_dataset(args, rank=0, world=1, log=print):
+def load_dataset(args, rank=0, log=print):
     """The training images as a read-only memory map uint8 (N, 3, H, W), labels (N,) or None,
-    and the class names. They are decoded once into an array file in --cache_dir named by a hash
-    of what they depend on (a folder's file paths, sizes and modification times, or the built-in
-    dataset's size and seed; the training size): later runs on the same data reuse it, a changed
-    folder gets a new one, and a folder larger than memory trains from disk through the page
-    cache. Under DDP one process builds the file while the others wait; all map the same file.
-    Old files are not removed: delete --cache_dir to reclaim the space."""
+    and the class names. Decoded once into --cache_dir, into a file named by a hash of what they
+    depend on (each file's path, size and mtime, or the built-in dataset's size and seed; the
+    training size): a changed folder gets a new file, and a folder larger than memory trains from
+    disk through the page cache. One process per machine builds it, the others wait (on shared
+    storage two machines may both build: the renames are atomic). Old files stay: delete
+    --cache_dir to reclaim the space."""
     (h, w), root = args.image_size, args.dataset_path
     if root is None:
         count, classes = args.procedural_size, ["day", "dusk"]
@@ -826,24 +808,18 @@ def load_dataset(args, rank=0, world=1, log=print):
         decode = functools.partial(procedural_landscape, height=h, width=w, seed=args.seed)
     else:
         paths, labels, classes = find_images(root, args.class_conditional)
-        count = len(paths)
+        count, decode = len(paths), lambda i: load_image(paths[i], h, w)
 
         def signature(path):
             try:
-                return [os.path.relpath(path, root), os.stat(path).st_size,
-                        os.stat(path).st_mtime_ns]
+                stat = os.stat(path)
             except OSError:                                         # a dangling link: skipped
                 return [os.path.relpath(path, root), None, None]    # as unreadable below
-
-        def decode(i):
-            return load_image(paths[i], h, w)
-
+            return [os.path.relpath(path, root), stat.st_size, stat.st_mtime_ns]
         source = [os.path.realpath(root), [signature(p) for p in paths]]
     key = hashlib.sha256(json.dumps([source, h, w]).encode()).hexdigest()
     name = os.path.basename(os.path.abspath(root or "procedural"))
     base = os.path.join(args.cache_dir, f"{name}-{h}x{w}-{key[:16]}")
-    # One process per machine builds the file (on shared storage two machines may both build it:
-    # each writes its own temporary file, and the renames are atomic); the others wait for it.
     if int(os.environ.get("LOCAL_RANK", 0)) == 0 and not os.path.exists(base + ".npy"):
         try:
             os.makedirs(args.cache_dir, exist_ok=True)
@@ -851,27 +827,25 @@ def load_dataset(args, rank=0, world=1, log=print):
             raise UserError(f"--cache_dir {args.cache_dir}: {error.strerror}") from None
         log(f"decoding {count} images into {base}.npy (once; later runs reuse it)")
         build_cache(base, count, h, w, decode, args.num_workers)
-    while not os.path.exists(base + ".npy"):
+    while not os.path.exists(base + ".npy"):                        # another process builds it
         time.sleep(1)
     with open(base + ".json") as f:
-        info = json.load(f)                                         # kept files and extras
+        info = json.load(f)                                         # kept images and extras
     if root is None:
         labels = info["extras"]                                     # day / dusk
         log(f"dataset: {count} built-in procedural landscapes at {h}x{w}")
     else:
         bad = sorted(set(paths) - {paths[i] for i in info["kept"]})
         if bad and rank == 0:
+            more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
             print(f"{METHOD}.py: warning: skipping {len(bad)} unreadable image file(s): "
-                  + ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""),
-                  file=sys.stderr)
+                  f"{', '.join(bad[:5])}{more}", file=sys.stderr)
         labels = labels and [labels[i] for i in info["kept"]]
         log(f"dataset: {len(info['kept'])} images from {root}, {len(bad)} skipped, "
             f"{sum(info['extras'])} upscaled to {h}x{w}"
             + (f", classes: {', '.join(classes)}" if labels else ""))
     images = np.load(base + ".npy", mmap_mode="r")
-    if not args.class_conditional:
-        return images, None, []
-    return images, torch.tensor(labels), classes
+    return (images, torch.tensor(labels), classes) if args.class_conditional else (images, None, [])
 
 
 # Copied from ddpm.batch_indices
@@ -980,26 +954,6 @@ def lr_lambda(step, warmup_steps, max_steps, schedule):
     return 1.0 if schedule == "constant" else 0.5 * (1 + math.cos(math.pi * progress))
 
 
-# Copied from ddpm.rng_state
-def rng_state():
-    """Every generator a run draws from, as tensors and lists (for weights_only loading)."""
-    name, keys, *rest = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), *rest],
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-# Copied from ddpm.set_rng_state
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
 # Copied from ddpm.save_checkpoint
 def save_checkpoint(path, state):
     """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
@@ -1015,16 +969,13 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:                                      # truncated, not a zip, ...
-        raise UserError(f"checkpoint {path} cannot be read ({type(error).__name__}); it is "
-                        f"truncated or not a checkpoint") from None
+        raise UserError(f"{path} cannot be read as a checkpoint ({type(error).__name__})") from None
     if not isinstance(ckpt, dict) or "method" not in ckpt:
         raise UserError(f"{path} is not a checkpoint of this repository")
-    if ckpt["method"] != METHOD:
-        raise UserError(f"{path} is a {ckpt['method']}.py checkpoint; use {ckpt['method']}.py "
-                        f"with it, or pass a {METHOD}.py checkpoint")
-    if ckpt.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{path} has checkpoint format {ckpt.get('format_version')}; this "
-                        f"script reads format {FORMAT_VERSION}")
+    if (ckpt["method"], ckpt.get("format_version")) != (METHOD, FORMAT_VERSION):
+        raise UserError(f"{path} is a {ckpt['method']}.py checkpoint of format "
+                        f"{ckpt.get('format_version')}; {METHOD}.py reads its format "
+                        f"{FORMAT_VERSION}")
     return ckpt
 
 
@@ -1055,14 +1006,6 @@ def setup_distributed():
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if cuda else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
-
-
-# Copied from ddpm.peak_memory_mb
-def peak_memory_mb(device):
-    """The CUDA allocator's peak on a GPU; the process's peak resident memory on a CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024       # Linux: KiB
 
 
 def adamw(args):
@@ -1103,8 +1046,14 @@ def build_run(args, ckpt, device, rank, world):
             group.update(hyperparameters, lr=args.lr * run.scheduler.lr_lambdas[0](run.step))
         if ckpt["scaler"] and run.scaler.is_enabled():
             run.scaler.load_state_dict(ckpt["scaler"])
-        if world == 1:               # only rank 0's generators are saved: under DDP a resumed
-            set_rng_state(ckpt["rng"])  # run is statistically the same, not bitwise
+        rng = ckpt["rng"]            # only rank 0's generators are saved: under DDP a resumed
+        if world == 1:               # run is statistically the same, not bitwise
+            torch.set_rng_state(rng["torch"])
+            if torch.cuda.is_available() and rng["cuda"]:
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            np.random.set_state((rng["numpy"][0], rng["numpy"][1].numpy().astype(np.uint32),
+                                 *rng["numpy"][2:]))
+            random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
     run.model = raw if world == 1 else DistributedDataParallel(
         raw, device_ids=[device.index] if device.type == "cuda" else None)
     return run
@@ -1155,56 +1104,59 @@ def optimizer_step(run, args):
 
 # Copied from ddpm.save_run
 def save_run(run, args):
-    """checkpoints/step_<N>.pt and checkpoints/last.pt, each written atomically."""
+    """checkpoints/step_<N>.pt and checkpoints/last.pt, with every generator the run draws from
+    (as tensors and lists, for weights_only loading)."""
+    name, keys, *rest = np.random.get_state()
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "numpy": [name, torch.from_numpy(keys.astype(np.int64)), *rest],
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     state = {"model": run.raw.state_dict(), "ema": run.ema.state_dict(),
              "swa": run.swa.state_dict() if run.swa is not None else None,
              "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
              "lr_scheduler": run.scheduler.state_dict(), "step": run.step, "args": vars(args),
-             "rng": rng_state(), "method": METHOD, "format_version": FORMAT_VERSION}
+             "rng": rng, "method": METHOD, "format_version": FORMAT_VERSION}
     for name in (f"step_{run.step}.pt", "last.pt"):
         save_checkpoint(os.path.join(args.output_dir, "checkpoints", name), state)
 
 
-# Copied from ddpm.preview
-def preview(run, args, writer, progress):
-    """samples/step_<N>.png: --preview_samples images of the EMA weights in --preview_steps
-    steps, on fixed seeds, so that grids are comparable from step to step."""
-    grid = make_grid(generate(run.ema.shadow, run.diffusion, args, args.preview_samples,
-                              args.preview_steps, args.seed, progress=progress))
-    save_png(grid, os.path.join(args.output_dir, "samples", f"step_{run.step}.png"))
-    writer.add_image("samples", grid, run.step, dataformats="HWC")
-
-
 # Copied from ddpm.Progress
 class Progress:
-    """Rank 0's tqdm bar, and TensorBoard scalars every --log_every steps; when the output is not
-    a terminal (a log file, nohup) the bar is off and the same numbers are printed instead.
-    Images/s counts the training steps' own time: previews and saves are left out."""
+    """Rank 0's tqdm bar (printed lines instead when the output is not a terminal), TensorBoard
+    scalars every --log_every steps, and the preview grids. Images/s counts only training."""
 
-    def __init__(self, args, step, world, writer):
-        self.args, self.world, self.writer = args, world, writer
+    def __init__(self, args, step, world):
+        self.args, self.world, self.writer = args, world, SummaryWriter(args.output_dir)
         self.bar = tqdm(total=args.max_steps, initial=step, desc=METHOD, disable=None)
         self.steps, self.loss, self.seconds = 0, 0.0, 0.0
 
     def update(self, run, loss, seconds, grad_norm, lr, device):
-        self.bar.update(1)
-        self.steps, self.loss, self.seconds = self.steps + 1, self.loss + loss, \
+        a, self.steps, self.loss, self.seconds = self.args, self.steps + 1, self.loss + loss, \
             self.seconds + seconds
-        if run.step % self.args.log_every and run.step != self.args.max_steps:
+        self.bar.update(1)
+        if run.step % a.log_every and run.step != a.max_steps:
             return
-        ips = self.steps * self.args.batch_size * self.args.accumulation_iters * self.world \
-            / self.seconds
+        ips = self.steps * a.batch_size * a.accumulation_iters * self.world / self.seconds
+        memory = (torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda"
+                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
         scalars = {"loss": self.loss / self.steps, "lr": lr, "grad_norm": grad_norm,
-                   "images_per_sec": ips, "peak_memory_mb": peak_memory_mb(device),
-                   "nonfinite_steps": run.skipped}
+                   "images_per_sec": ips, "peak_memory_mb": memory, "nonfinite_steps": run.skipped}
         for name, value in scalars.items():
             self.writer.add_scalar(f"train/{name}", value, run.step)
         line = f"loss {scalars['loss']:.4f} lr {lr:.2e} {ips:.1f} img/s"
         self.bar.set_postfix_str(line)
         if self.bar.disable:
-            eta = self.seconds / self.steps * (self.args.max_steps - run.step) / 60
-            print(f"step {run.step}/{self.args.max_steps} {line} ETA {eta:.1f} min", flush=True)
+            eta = self.seconds / self.steps * (a.max_steps - run.step) / 60
+            print(f"step {run.step}/{a.max_steps} {line} ETA {eta:.1f} min", flush=True)
         self.steps, self.loss, self.seconds = 0, 0.0, 0.0
+
+    def preview(self, run):
+        """samples/step_<N>.png: --preview_samples images of the EMA weights in --preview_steps
+        steps, on fixed seeds, so that grids are comparable from step to step."""
+        a = self.args
+        grid = make_grid(generate(run.ema.shadow, run.diffusion, a, a.preview_samples,
+                                  a.preview_steps, a.seed, progress=not self.bar.disable))
+        save_png(grid, os.path.join(a.output_dir, "samples", f"step_{run.step}.png"))
+        self.writer.add_image("samples", grid, run.step, dataformats="HWC")
 
 
 # Copied from ddpm.train
@@ -1213,7 +1165,7 @@ def train(args, ckpt=None):
     rank, world, device = setup_distributed()
     log = print if rank == 0 else (lambda *a, **k: None)
     kernels.set_backend(args.kernels)
-    images, labels, classes = load_dataset(args, rank, world, log)
+    images, labels, classes = load_dataset(args, rank, log)
     args.num_classes = len(classes)
     check_labels(args)                                              # the previews use them
     if ckpt is not None:                                            # the folder's classes changed
@@ -1227,8 +1179,7 @@ def train(args, ckpt=None):
             os.makedirs(os.path.join(args.output_dir, folder), exist_ok=True)
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=2)
-        writer = SummaryWriter(args.output_dir)
-        progress = Progress(args, run.step, world, writer)
+        progress = Progress(args, run.step, world)
         log(f"{METHOD}: {sum(p.numel() for p in run.raw.parameters()) / 1e6:.2f}M parameters, "
             f"{world} process(es) on {device}, {args.batch_size * args.accumulation_iters * world}"
             f" images per step" + (f", resumed at step {run.step}" if ckpt else ""))
@@ -1241,20 +1192,19 @@ def train(args, ckpt=None):
             k = run.step * args.accumulation_iters + micro          # this rank's micro-batch k
             x0, y = make_batch(images, labels, batch_indices(k, len(images), args.batch_size,
                                                              args.seed, rank, world), args, device)
-            sync = micro == args.accumulation_iters - 1             # all-reduce in the last one
             loss += micro_batch_step(run.model, run.diffusion, x0, y, args, run.scaler, autocast,
-                                     sync)
+                                     sync=micro == args.accumulation_iters - 1)
         grad_norm, lr = optimizer_step(run, args)
         if rank == 0:
             progress.update(run, loss, time.perf_counter() - start, grad_norm, lr, device)
             last = run.step == args.max_steps
             if run.step % args.sample_every == 0 or last:
-                preview(run, args, writer, progress=not progress.bar.disable)
+                progress.preview(run)
             if run.step % args.save_every == 0 or last:
                 save_run(run, args)
     if rank == 0:
         progress.bar.close()
-        writer.close()
+        progress.writer.close()
         log(f"done: {run.step} steps, checkpoints in {args.output_dir}/checkpoints"
             + (f", {run.skipped} steps skipped for non-finite gradients" if run.skipped else ""))
     if world > 1:
