@@ -1262,11 +1262,11 @@ class Parser(argparse.ArgumentParser):
 
 
 # Copied from ddpm.at_least
-def at_least(low, kind=int):
-    """An argparse type: a number of `kind` that is at least `low` (NaN is refused too)."""
+def at_least(low, kind=int, below=math.inf):
+    """An argparse type: a number of `kind` in [low, below) (NaN is refused too)."""
     def number(text):
-        if not kind(text) >= low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        if not low <= kind(text) < below:
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {below}), got {text}")
         return kind(text)
     return number
 
@@ -1289,20 +1289,10 @@ def image_size(text):
     return size * (3 - len(size))
 
 
-# Copied from ddpm.fraction
-def fraction(text):
-    """An argparse type: a probability or decay in [0, 1)."""
-    if not 0.0 <= float(text) < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return float(text)
-
-
 # Copied from ddpm.add_flag
 def add_flag(parser, groups, group, name, default=None, help="", **kw):
     """parser.add_argument in argument group `group`; a bool default makes --name and --no_name."""
-    if group not in groups:
-        groups[group] = parser.add_argument_group(group)
-    g = groups[group]
+    g = groups.get(group) or groups.setdefault(group, parser.add_argument_group(group))
     if isinstance(default, bool):
         g.add_argument(f"--{name}", action="store_true", default=default, help=help)
         return g.add_argument(f"--no_{name}", dest=name, action="store_false",
@@ -1319,6 +1309,8 @@ def build_shared_parser():
                "a checkpoint with --sample. Explicit flags override --preset.")
     p.set_defaults(num_classes=0)
     add = functools.partial(add_flag, p, {})
+    pos, nonneg, real = at_least(1), at_least(0), at_least(0.0, float)
+    frac = at_least(0.0, float, 1.0)                                # a probability or decay
 
     add("mode", "preset", "quick", "quick: minutes on a 2-core CPU; paper: the published setup "
         "(with --resume or --sample the checkpoint's configuration replaces it)",
@@ -1331,63 +1323,53 @@ def build_shared_parser():
     add("data", "image_size", "32", "training resolution, N or HxW", type=image_size)
     add("data", "class_conditional", False, "top-level subfolders are classes (built-in: 2)")
     add("data", "hflip", True, "random horizontal flips (--no_hflip: off)")
-    add("data", "procedural_size", 4096, "number of built-in images", type=at_least(1))
-    add("data", "num_workers", 4, "threads that decode images into the cache", type=at_least(1))
-    add("model", "base_channels", 32, "width at level 0", type=at_least(1))
-    add("model", "channel_mults", "1,2,2", "width multiplier per level (paper: per size)",
-        type=numbers(float))
-    add("model", "num_res_blocks", 1, "ResBlocks per level", type=at_least(1))
-    add("model", "attention_resolutions", "8", "feature-map sides with self-attention",
-        type=numbers(int))
-    add("model", "num_heads", 4, "attention heads", type=at_least(1))
-    add("model", "dropout", 0.0, "dropout in the ResBlocks", type=fraction)
-    add("model", "label_dropout", 0.1, "null-label probability in training", type=fraction)
-    add("diffusion", "schedule", "cosine", "noise schedule",
-        choices=["linear", "cosine", "sigmoid"])
+    add("data", "procedural_size", 4096, "number of built-in images", type=pos)
+    add("data", "num_workers", 4, "threads that decode images into the cache", type=pos)
+    add("model", "base_channels", 32, "width at level 0", type=pos)
+    add("model", "channel_mults", "1,2,2", "width per level / base", type=numbers(float))
+    add("model", "num_res_blocks", 1, "ResBlocks per level", type=pos)
+    add("model", "attention_resolutions", "8", "sides with attention", type=numbers(int))
+    add("model", "num_heads", 4, "attention heads", type=pos)
+    add("model", "dropout", 0.0, "dropout in the ResBlocks", type=frac)
+    add("model", "label_dropout", 0.1, "null-label probability in training", type=frac)
+    add("diffusion", "schedule", "cosine", "beta schedule", choices=["linear", "cosine", "sigmoid"])
     add("diffusion", "zero_terminal_snr", False, "rescale to alpha_bar_T = 0 (Lin et al.)")
     add("diffusion", "timesteps", 1000, "diffusion steps T", type=at_least(2))
     add("diffusion", "prediction", "eps", "network output", choices=["eps", "x0", "v"])
-    add("diffusion", "min_snr_gamma", 0.0, "min-SNR-gamma loss weighting (Hang et al.; 0: off)",
-        type=at_least(0.0, float))
+    add("diffusion", "min_snr_gamma", 0.0, "min-SNR-gamma weighting (0: off)", type=real)
     add("diffusion", "loss", "mse", "elementwise error", choices=["mse", "l1", "huber"])
     add("diffusion", "variance", "small", "ancestral sigma_t^2: beta~_t (small) or beta_t",
         choices=["small", "large"])
-    add("optimisation", "batch_size", 32, "images per micro-batch and process; sampling batch",
-        type=at_least(1))
-    add("optimisation", "accumulation_iters", 1, "micro-batches per step", type=at_least(1))
-    add("optimisation", "max_steps", 1200, "optimizer steps", type=at_least(1))
-    add("optimisation", "lr", 1e-3, "peak AdamW learning rate", type=at_least(0.0, float))
-    add("optimisation", "lr_schedule", "cosine", "after warmup: cosine to 0, or constant",
-        choices=["cosine", "constant"])
-    add("optimisation", "warmup_steps", 100, "linear LR warmup steps", type=at_least(0))
-    add("optimisation", "weight_decay", 0.0, "AdamW weight decay", type=at_least(0.0, float))
-    add("optimisation", "grad_clip", 1.0, "gradient norm clip (0: off)", type=at_least(0.0, float))
+    add("optimisation", "batch_size", 32, "images per micro-batch and process", type=pos)
+    add("optimisation", "accumulation_iters", 1, "micro-batches per step", type=pos)
+    add("optimisation", "max_steps", 1200, "optimizer steps", type=pos)
+    add("optimisation", "lr", 1e-3, "peak AdamW learning rate", type=real)
+    add("optimisation", "lr_schedule", "cosine", "after warmup", choices=["cosine", "constant"])
+    add("optimisation", "warmup_steps", 100, "linear LR warmup steps", type=nonneg)
+    add("optimisation", "weight_decay", 0.0, "AdamW weight decay", type=real)
+    add("optimisation", "grad_clip", 1.0, "gradient norm clip (0: off)", type=real)
     add("optimisation", "precision", "fp32", "autocast dtype; fp16 adds a GradScaler",
         choices=["fp32", "bf16", "fp16"])
-    add("optimisation", "ema_decay", 0.995, "EMA decay per step", type=fraction)
-    add("optimisation", "ema_start", 200, "steps the EMA copies before it averages",
-        type=at_least(0))
+    add("optimisation", "ema_decay", 0.995, "EMA decay per step", type=frac)
+    add("optimisation", "ema_start", 200, "steps the EMA copies before it averages", type=nonneg)
     add("optimisation", "swa", False, "also keep a stochastic weight average")
-    add("optimisation", "swa_start", 800, "step from which --swa averages", type=at_least(0))
-    add("optimisation", "max_nonfinite_steps", 25, "stop after this many non-finite steps in a row",
-        type=at_least(1))
+    add("optimisation", "swa_start", 800, "step from which --swa averages", type=nonneg)
+    add("optimisation", "max_nonfinite_steps", 25, "non-finite steps in a row to stop", type=pos)
     add("run", "output_dir", help=f"default runs/{METHOD} (with --sample: runs/{METHOD}/generated)")
-    add("run", "save_every", 400, "checkpoint every N steps", type=at_least(1))
-    add("run", "sample_every", 400, "preview grid every N steps", type=at_least(1))
-    add("run", "preview_samples", 16, "images in a preview grid", type=at_least(1))
-    add("run", "preview_steps", 50, "--sampler steps of a preview", type=at_least(1))
-    add("run", "log_every", 10, "log every N steps", type=at_least(1))
-    add("run", "seed", 0, "random seed", type=at_least(0))
+    add("run", "save_every", 400, "checkpoint every N steps", type=pos)
+    add("run", "sample_every", 400, "preview grid every N steps", type=pos)
+    add("run", "preview_samples", 16, "images in a preview grid", type=pos)
+    add("run", "preview_steps", 50, "--sampler steps of a preview", type=pos)
+    add("run", "log_every", 10, "log every N steps", type=pos)
+    add("run", "seed", 0, "random seed", type=nonneg)
     add("run", "resume", help="'latest' (OUTPUT_DIR/checkpoints/last.pt) or a checkpoint path")
     add("run", "kernels", "auto", "group norm and attention", choices=["auto", "triton", "torch"])
-    add("sampling", "sampler", "ddim", "ancestral (Ho et al. Alg. 2) or DDIM (Song et al.)",
-        choices=["ddpm", "ddim"])
-    add("sampling", "sampling_steps", 50, "respaced steps of --sample", type=at_least(1))
-    add("sampling", "eta", 0.0, "DDIM noise: 0 deterministic, 1 ancestral",
-        type=at_least(0.0, float))
+    add("sampling", "sampler", "ddim", "ancestral (Ho et al.) or DDIM", choices=["ddpm", "ddim"])
+    add("sampling", "sampling_steps", 50, "respaced steps of --sample", type=pos)
+    add("sampling", "eta", 0.0, "DDIM noise: 0 deterministic, 1 ancestral", type=real)
     add("sampling", "guidance_scale", 1.0, "s in out_u + s (out_c - out_u)", type=float)
     add("sampling", "class_label", help="class to sample (default: cycle)", type=int)
-    add("sampling", "num_samples", 16, "images --sample writes", type=at_least(1))
+    add("sampling", "num_samples", 16, "images --sample writes", type=pos)
     add("sampling", "weights", "ema", "weights --sample uses", choices=["ema", "model", "swa"])
     add("sampling", "save_gif", False, "with --sample: also write trajectory.gif")
     return p
@@ -1411,15 +1393,14 @@ def build_parser():
 
 # Copied from ddpm.check_args
 def check_args(args):
-    """Parse the list-valued flags and check everything that can be checked before any work."""
+    """Fill in --channel_mults and --output_dir, and check all that can be before any work."""
     if args.channel_mults is None:
         args.channel_mults = paper_channel_mults(*args.image_size)
     widths = [args.base_channels * m for m in args.channel_mults]
     if not widths or any(w != int(w) or w < 4 for w in widths):
         raise UserError(f"--base_channels x --channel_mults gives {widths} channels; every level "
                         f"needs a whole number of at least 4")
-    h, w = unet_input_size(args)
-    factor = 2 ** (len(widths) - 1)
+    (h, w), factor = unet_input_size(args), 2 ** (len(widths) - 1)
     if h % factor or w % factor:
         raise UserError(f"the U-Net's {h}x{w} input is not divisible by its downsampling factor "
                         f"{factor} (2^(levels-1)); use a multiple of {factor} or fewer levels")
@@ -1479,10 +1460,9 @@ NOT_INHERITED = ("dataset_path", "output_dir", "resume", "seed", "weights", "sav
 # Copied from ddpm.dry_run
 def dry_run(args):
     """Print the configuration and the parameter count (and check the dataset folder)."""
-    if args.class_conditional:
-        args.num_classes = len(find_images(args.dataset_path, True)[2]) if args.dataset_path else 2
-    elif args.dataset_path is not None:
-        find_images(args.dataset_path, False)
+    classes = find_images(args.dataset_path, args.class_conditional)[2] if args.dataset_path \
+        else ["day", "dusk"]
+    args.num_classes = len(classes) if args.class_conditional else 0
     print(json.dumps(vars(args), indent=2))
     print(f"parameters: {sum(p.numel() for p in build_model(args).parameters()):,}")
     return 0
@@ -1492,37 +1472,28 @@ def dry_run(args):
 def main(argv=None):
     try:
         mode = mode_parser().parse_known_args(argv)[0]
+        if mode.sample and mode.checkpoint is None:
+            raise UserError("--sample needs --checkpoint PATH")
+        path = mode.checkpoint if mode.sample else mode.resume
+        if path == "latest" and not mode.sample:
+            path = os.path.join(mode.output_dir or os.path.join("runs", METHOD), "checkpoints",
+                                "last.pt")
+            if not os.path.isfile(path):
+                raise UserError(f"--resume latest: no checkpoint at {path}; start without --resume")
+        ckpt = None if path is None else load_checkpoint(path)   # its configuration; flags win
+        ignore = NOT_INHERITED if mode.sample else ("resume", "dry_run", "preset")
+        args = parse_args(argv, ckpt and {k: v for k, v in ckpt["args"].items() if k not in ignore})
         if mode.sample:
-            if mode.checkpoint is None:
-                raise UserError("--sample needs --checkpoint PATH")
-            ckpt = load_checkpoint(mode.checkpoint)
-            args = parse_args(argv, {k: v for k, v in ckpt["args"].items()
-                                     if k not in NOT_INHERITED})
-            check_compatible(ckpt["args"], args, mode.checkpoint)
+            check_compatible(ckpt["args"], args, path)
             return sample_main(args, ckpt)
-        ckpt = path = None
-        if mode.resume is not None:                # the run's configuration; flags given win
-            path = mode.resume
-            if path == "latest":
-                path = os.path.join(mode.output_dir or os.path.join("runs", METHOD),
-                                    "checkpoints", "last.pt")
-                if not os.path.isfile(path):
-                    raise UserError(f"--resume latest: no checkpoint at {path}; start without "
-                                    f"--resume")
-            ckpt = load_checkpoint(path)
-        args = parse_args(argv, ckpt and {k: v for k, v in ckpt["args"].items()
-                                          if k not in ("resume", "dry_run", "preset")})
         if ckpt is not None:
             args.resume = path
             check_compatible(ckpt["args"], args, path,
                              [k for k in ARCHITECTURE_KEYS if k != "num_classes"])
         return dry_run(args) if args.dry_run else train(args, ckpt)
-    except UserError as error:
+    except (UserError, TrainingDiverged) as error:
         print(f"{METHOD}.py: error: {error}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as error:
-        print(f"{METHOD}.py: error: {error}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(error, UserError) else 1
 
 
 if __name__ == "__main__":
