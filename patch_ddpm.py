@@ -1133,9 +1133,10 @@ class Progress:
         self.steps, self.loss, self.seconds = 0, 0.0, 0.0
 
     def update(self, run, loss, seconds, grad_norm, lr, device):
-        a, self.steps, self.loss, self.seconds = self.args, self.steps + 1, self.loss + loss, \
-            self.seconds + seconds
+        a = self.args
         self.bar.update(1)
+        self.steps, self.loss, self.seconds = self.steps + 1, self.loss + loss, \
+            self.seconds + seconds
         if run.step % a.log_every and run.step != a.max_steps:
             return
         ips = self.steps * a.batch_size * a.accumulation_iters * self.world / self.seconds
