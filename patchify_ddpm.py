@@ -794,13 +794,11 @@ def build_cache(base, count, height, width, decode, num_workers):
 
 # Copied from ddpm.load_dataset
 def load_dataset(args, rank=0, log=print):
-    """The training images as a read-only memory map uint8 (N, 3, H, W), labels (N,) or None,
-    and the class names. Decoded once into --cache_dir, into a file named by a hash of what they
-    depend on (each file's path, size and mtime, or the built-in dataset's size and seed; the
-    training size): a changed folder gets a new file, and a folder larger than memory trains from
-    disk through the page cache. One process per machine builds it, the others wait (on shared
-    storage two machines may both build: the renames are atomic). Old files stay: delete
-    --cache_dir to reclaim the space."""
+    """A read-only memory map uint8 (N, 3, H, W), labels (N,) or None, and the class names,
+    decoded once into a --cache_dir file named by a hash of its sources (each file's path, size
+    and mtime, or the built-in size and seed; the training size). A folder larger than memory
+    trains through the page cache. One process per machine builds the file, the others wait (the
+    renames are atomic). Old files stay: delete --cache_dir to reclaim the space."""
     (h, w), root = args.image_size, args.dataset_path
     if root is None:
         count, classes = args.procedural_size, ["day", "dusk"]
@@ -868,9 +866,8 @@ def epoch_order(num_images, seed, epoch):
 
 # Copied from ddpm.make_batch
 def make_batch(images, labels, indices, args, device):
-    """uint8 (N, 3, H, W) -> x_0 in [-1, 1], flipped at random (--hflip), and labels replaced by
-    the null label with probability --label_dropout (Ho & Salimans Algorithm 1), drawn per image
-    from the global torch generator (whose state the checkpoint saves)."""
+    """uint8 (N, 3, H, W) -> x_0 in [-1, 1], flipped at random (--hflip), labels replaced by the
+    null label with probability --label_dropout (Ho & Salimans Alg. 1); the global generator."""
     x = torch.from_numpy(images[indices.numpy()]).to(device).float() / 127.5 - 1.0
     if args.hflip:
         flip = (torch.rand(x.shape[0]) < 0.5).to(device)
@@ -1061,9 +1058,9 @@ def build_run(args, ckpt, device, rank, world):
 
 # Copied from ddpm.micro_batch_step
 def micro_batch_step(model, diffusion, x0, y, args, scaler, autocast, sync):
-    """Forward and backward of one micro-batch, one loss term at a time (training_losses);
-    gradients accumulate. Under DDP only the last term of a micro-batch with `sync` all-reduces
-    (DDP decides at forward time, so the forward runs in no_sync too). Returns the loss share."""
+    """Forward and backward of one micro-batch's loss terms in turn; gradients accumulate. Under
+    DDP only the last term with `sync` all-reduces (the forward runs in no_sync too: DDP decides
+    at forward time). Returns the loss share."""
     terms, total = diffusion.training_losses(model, x0, y), 0.0
     for i, term in enumerate(terms):
         no_sync = isinstance(model, DistributedDataParallel) and not (sync and i == len(terms) - 1)
