@@ -95,9 +95,8 @@ def timestep_embedding(t, dim, max_period=10000):
 
 # Copied from ddpm.norm_groups
 def norm_groups(channels):
-    """ADM's GroupNorm(32), but never fewer than 4 channels per group: at a CPU-sized width of 32,
-    one channel per group would erase the mean colour of flat regions. Widths 32 does not
-    divide take the largest count that does."""
+    """ADM's GroupNorm(32), but at least 4 channels per group (at a CPU-sized width of 32, one
+    channel per group would erase the mean colour of flat regions); else the largest divisor."""
     return max(g for g in range(1, 33) if channels % g == 0 and channels // g >= min(4, channels))
 
 
@@ -171,16 +170,13 @@ class AttentionBlock(nn.Module):
 
 # Copied from ddpm.UNet
 class UNet(nn.Module):
-    """The network of Ho et al. in ADM's form, out_theta(x_t, t, y, emb). Encoder: per level
-    `num_res_blocks` ResBlocks (+ attention where the feature map's shorter side is in
-    `attention_resolutions`), then a stride-2 convolution. Middle: ResBlock, attention, ResBlock.
-    Decoder: per level `num_res_blocks + 1` ResBlocks, each fed the concatenation with one stored
-    encoder activation, then nearest upsampling and a 3x3 convolution. Output: GN, SiLU and a
-    zero-initialised convolution, so the untrained network outputs 0.
-
-    Conditioning: MLP(sinusoid(t)) + class_emb(y) + `emb`, the scale/shift of every ResBlock.
-    `emb` (B, 4 * base_channels) is the door for a method's own conditioning. Label
-    `num_classes` is the learned null label of classifier-free guidance (y = None uses it)."""
+    """The network of Ho et al. in ADM's form, out_theta(x_t, t, y, emb). Per encoder level
+    `num_res_blocks` ResBlocks (+ attention where the shorter side is in `attention_resolutions`)
+    and a stride-2 convolution; middle: ResBlock, attention, ResBlock; per decoder level one more
+    ResBlock, each fed one stored encoder activation, then nearest upsampling and a 3x3 conv; out:
+    GN, SiLU, a zero-initialised conv (the untrained network outputs 0). Every ResBlock's
+    scale/shift comes from MLP(sinusoid(t)) + class_emb(y) + `emb` (B, 4 * base_channels), the
+    door for a method's own conditioning. Label `num_classes` is guidance's null label (no y)."""
 
     def __init__(self, in_channels=3, out_channels=3, base_channels=64, channel_mults=(1, 2, 2),
                  num_res_blocks=1, attention_resolutions=(8,), num_heads=4, dropout=0.0,
@@ -370,13 +366,11 @@ def build_model(args):
 # Copied from ddpm.make_beta_schedule
 def make_beta_schedule(kind, timesteps, beta_end=0.02, zero_terminal_snr=False):
     """beta_1..beta_T in float64. linear (Ho et al. Sec. 4): 1e-4 to `beta_end` at T = 1000, both
-    ends scaled by 1000 / T for other T (Nichol & Dhariwal's code). cosine (Nichol & Dhariwal
-    Eq. 17): alpha_bar(t) = f(t) / f(0), f(t) = cos^2((t/T + s) / (1 + s) pi/2), s = 0.008.
-    sigmoid (Jabri et al. 2022; start -3, end 3, tau 1): alpha_bar(t) =
-    (sig(3) - sig(6 t/T - 3)) / (sig(3) - sig(-3)). In both, beta_t = 1 - alpha_bar(t) /
-    alpha_bar(t-1), clipped at 0.999. zero_terminal_snr (Lin et al. 2024, Alg. 1): sqrt(alpha_bar)
-    shifted to end at 0 and scaled to keep its first value, so that x_T is pure noise, as the
-    sampler assumes (eps cannot be inverted there: check_args asks for x0 or v)."""
+    scaled by 1000 / T (Nichol & Dhariwal's code). Else beta_t = 1 - alpha_bar(t) / alpha_bar(t-1)
+    clipped at 0.999, with cosine (Nichol & Dhariwal Eq. 17) alpha_bar(t) = f(t) / f(0), f(t) =
+    cos^2((t/T + s) / (1 + s) pi/2), s = 0.008, or sigmoid (Jabri et al.; start -3, end 3, tau 1)
+    alpha_bar(t) = (sig(3) - sig(6 t/T - 3)) / (sig(3) - sig(-3)). zero_terminal_snr (Lin et al.
+    Alg. 1): sqrt(alpha_bar) shifted to end at 0, scaled to keep its first value (x_T is noise)."""
     if kind == "linear":
         scale = 1000 / timesteps
         if not 0 < scale * beta_end < 1:
@@ -406,18 +400,13 @@ def at(buffer, t, x):
 
 # Copied from ddpm.GaussianDiffusion
 class GaussianDiffusion(nn.Module):
-    """q(x_t | x_0) and the reverse steps, computed once from the betas in float64 and stored as
-    float32 buffers. Index t runs over 0..T-1 (the paper's step t + 1). A respaced process has
-    its own betas over a subset of the steps and a `timestep_map` back to them, which is what the
-    network is conditioned on.
-
-    `prediction` is what the network outputs: eps (Ho et al.), x0, or v = sqrt(alpha_bar) eps -
-    sqrt(1 - alpha_bar) x0 (Salimans & Ho Sec. 4). Each is trained with the plain error on its
-    own target, which weights the x0 error by SNR (eps), 1 (x0) or SNR + 1 (v), SNR = alpha_bar /
-    (1 - alpha_bar). min_snr_gamma > 0 (Hang et al. 2023, Eq. 11) multiplies the error by
-    `loss_weight` = min(SNR, gamma) / that weight, so that the x0 error is weighted by min(SNR,
-    gamma) whatever the prediction. `variance` is the ancestral step's sigma_t^2: small beta~_t
-    or large beta_t (Ho et al. Sec. 3.2)."""
+    """q(x_t | x_0) and the reverse steps, from the betas in float64, kept as float32 buffers.
+    Index t is the paper's step t + 1. A respaced process has betas over a subset of the steps
+    and a `timestep_map` back to them (what the network is conditioned on). `prediction`: eps,
+    x0 or v. Each is trained on its own target, which weights the x0 error by SNR (eps), 1 (x0)
+    or SNR + 1 (v), SNR = alpha_bar / (1 - alpha_bar); min_snr_gamma > 0 (Hang et al. Eq. 11)
+    multiplies by `loss_weight` = min(SNR, gamma) / that weight. `variance`: the ancestral
+    sigma_t^2, small beta~_t or large beta_t (Ho et al. Sec. 3.2)."""
 
     def __init__(self, betas, prediction="eps", loss="mse", variance="small", timestep_map=None,
                  min_snr_gamma=0.0):
@@ -454,9 +443,9 @@ class GaussianDiffusion(nn.Module):
         return a * x0 + b * noise
 
     def target(self, x0, noise, t):
-        """What the network learns to output at (x_t, t): eps, x0, or v = sqrt(alpha_bar) eps -
+        """What the network learns to output: eps, x0, or v = sqrt(alpha_bar) eps -
         sqrt(1 - alpha_bar) x0 (Salimans & Ho Sec. 4)."""
-        if self.prediction in ("eps", "x0"):
+        if self.prediction != "v":
             return noise if self.prediction == "eps" else x0
         a, b = at(self.sqrt_alpha_bar, t, x0), at(self.sqrt_one_minus_alpha_bar, t, x0)
         return a * noise - b * x0
@@ -476,13 +465,10 @@ class GaussianDiffusion(nn.Module):
         return fn(out, target, reduction="none")
 
     def training_losses(self, model, x0, y=None):
-        """L_simple (Ho et al. Eq. 14, Algorithm 1): t ~ U{0..T-1}, eps ~ N(0, I), the error of
-        out_theta(x_t, t, y) on its target, times loss_weight(t), averaged over pixels and batch.
-        Index 0 (the paper's t = 1) is drawn too: the last denoising step must be learned.
-
-        Returns a list of functions, each computing one term of the loss; the terms add up to
-        the loss. Here there is one; a method can split its loss into chunks, which
-        micro_batch_step then backpropagates one at a time."""
+        """L_simple (Ho et al. Eq. 14, Alg. 1): t ~ U{0..T-1} (0 too: the last step must be
+        learned), eps ~ N(0, I), loss_weight(t) times the error of out_theta(x_t, t, y) on its
+        target, averaged. Returns the loss as a list of terms (functions) that add up to it: here
+        one; a method may split it into chunks that micro_batch_step backpropagates in turn."""
         t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
         noise = torch.randn_like(x0)
         x_t, target = self.q_sample(x0, t, noise), self.target(x0, noise, t)
@@ -506,8 +492,8 @@ class GaussianDiffusion(nn.Module):
         x0_hat clipped to [-1, 1] and eps_hat recomputed from it. eta = 1 is ancestral."""
         a, a_prev = at(self.alpha_bar, t, x_t), at(self.alpha_bar_prev, t, x_t)
         x0 = self.x0_and_eps(x_t, t, out)[0].clamp(-1, 1)
-        eps = (x_t - at(self.sqrt_alpha_bar, t, x_t) * x0) / at(self.sqrt_one_minus_alpha_bar, t,
-                                                                x_t)
+        b = at(self.sqrt_one_minus_alpha_bar, t, x_t)
+        eps = (x_t - at(self.sqrt_alpha_bar, t, x_t) * x0) / b
         s = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).clamp(min=0).sqrt()
         x_prev = a_prev.sqrt() * x0 + (1 - a_prev - s ** 2).clamp(min=0).sqrt() * eps
         return x_prev + s * noise if eta > 0 else x_prev
@@ -566,9 +552,8 @@ def build_diffusion(args):
 
 # Copied from ddpm.guided_output
 def guided_output(model, x, t, y, guidance_scale):
-    """Classifier-free guidance (Ho & Salimans Eq. 6): out_u + s (out_c - out_u), which is
-    (1 + w) out_c - w out_u with s = 1 + w; the same for eps, x0 and v (affine in each other).
-    s = 1 is one conditional pass."""
+    """Classifier-free guidance (Ho & Salimans Eq. 6, s = 1 + w): out_u + s (out_c - out_u), for
+    eps, x0 and v alike (affine in each other). s = 1 is one conditional pass."""
     if y is None or guidance_scale == 1.0:
         return model(x, t, y).float()
     null = torch.full_like(y, model.num_classes)
@@ -579,8 +564,8 @@ def guided_output(model, x, t, y, guidance_scale):
 
 # Copied from ddpm.per_image_noise
 def per_image_noise(shape, seeds, device):
-    """A function drawing noise of `shape` (B, ...), image i from a generator seeded by seeds[i],
-    so an image's noise does not depend on its batch (as in EDM)."""
+    """A function drawing noise of `shape` (B, ...), image i's from a generator seeded by
+    seeds[i]: an image's noise does not depend on its batch (as in EDM)."""
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     return lambda: torch.stack([torch.randn(shape[1:], generator=g) for g in generators]).to(device)
 
@@ -649,8 +634,7 @@ def sample_main(args, ckpt):
         model = AveragedModel(model)
     model.load_state_dict({"ema": ckpt["ema"]["shadow"], "model": ckpt["model"],
                            "swa": ckpt["swa"]}[args.weights])
-    model = getattr(model, "module", model)
-    trajectory = [] if args.save_gif else None
+    model, trajectory = getattr(model, "module", model), [] if args.save_gif else None
     images = generate(model.to(device).eval(), build_diffusion(args).to(device), args,
                       args.num_samples, args.sampling_steps, args.seed, trajectory, progress=True)
     os.makedirs(args.output_dir, exist_ok=True)
@@ -658,12 +642,12 @@ def sample_main(args, ckpt):
         save_png(image.numpy().transpose(1, 2, 0), os.path.join(args.output_dir, f"{i:05d}.png"))
     save_png(make_grid(images), os.path.join(args.output_dir, "grid.png"))
     if trajectory:
-        frames = [Image.fromarray(make_grid(to_uint8(x))) for x in trajectory]
+        frames = [Image.fromarray(make_grid(to_uint8(x)))           # the final image held 10x
+                  for x in trajectory + trajectory[-1:] * 10]
         path = os.path.join(args.output_dir, "trajectory.gif")
-        frames += frames[-1:] * 10                                  # hold the final image
-        frames[0].save(path + ".tmp.gif", save_all=True, append_images=frames[1:], duration=60,
+        frames[0].save(f"{path}.tmp.gif", save_all=True, append_images=frames[1:], duration=60,
                        loop=0)
-        os.replace(path + ".tmp.gif", path)
+        os.replace(f"{path}.tmp.gif", path)
     print(f"wrote {len(images)} samples and grid.png to {args.output_dir}")
     return 0
 
@@ -678,10 +662,10 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 
 # Copied from ddpm.procedural_landscape
 def procedural_landscape(index, height, width, seed=0):
-    """A built-in training image, drawn in continuous coordinates so any resolution shows the same
-    scene: global structure (sky, horizon, sun, ridges) across the image, detail (rock texture,
-    ripples) at the pixel scale. Only a model that sees across patches keeps the ridges
-    continuous at patch borders. Label 0 is a day palette, 1 dusk. -> (uint8 (3, H, W), label)."""
+    """A built-in image in continuous coordinates (any resolution, the same scene): sky, horizon,
+    sun and ridges across the image (only a model that sees across patches keeps the ridges
+    continuous at their borders), rock texture and ripples at the pixel scale. Label 0: day,
+    1: dusk. -> (uint8 (3, H, W), label)."""
     rng = np.random.default_rng([seed, index])
     label = int(rng.integers(2))
     y = (np.arange(height)[:, None] + 0.5) / height                # (H, 1), 0 at the top
@@ -717,8 +701,8 @@ def procedural_landscape(index, height, width, seed=0):
 
 # Copied from ddpm.find_images
 def find_images(root, class_conditional):
-    """Image files under `root` (recursive, sorted, symbolic links followed once), with class
-    indices from the top-level subfolder names when `class_conditional`."""
+    """Image files under `root` (recursive, sorted, links followed once) and, when
+    `class_conditional`, class indices from the top-level subfolder names."""
     paths, seen = [], set()
     for folder, subfolders, files in os.walk(root, followlinks=True):
         if os.path.realpath(folder) in seen:                        # a link cycle
@@ -760,8 +744,8 @@ def to_rgb(image):
 
 # Copied from ddpm.load_image
 def load_image(path, height, width):
-    """Decode, upright by EXIF, RGB, resize to cover H x W, centre-crop.
-    -> (uint8 (3, H, W), upscaled?), or None if the file cannot be read."""
+    """Decode, upright by EXIF, RGB, resize to cover H x W, centre-crop. -> (uint8 (3, H, W),
+    upscaled?), or None if the file cannot be read."""
     try:
         with Image.open(path) as image:
             image.draft("RGB", (width, height))                     # JPEG: decode at 1/2..1/8
@@ -780,34 +764,32 @@ def load_image(path, height, width):
 
 # Copied from ddpm.build_cache
 def build_cache(base, count, height, width, decode, num_workers):
-    """Decode images 0..count-1 with a thread pool (PIL releases the GIL) into the uint8 array
-    file `base`.npy (N, 3, H, W), written through np.lib.format.open_memmap so the dataset never
-    has to fit in memory. decode(i) -> (uint8 (3, H, W), extra) or None; failed images are
-    dropped, and `base`.json lists the kept ones and their extras. The array gets its name last:
-    an interrupted build is never taken for a finished one."""
-    tmp = f"{base}.{os.getpid()}.tmp.npy"
+    """Decode images 0..count-1 on a thread pool (PIL releases the GIL) into `base`.npy, uint8
+    (N, 3, H, W), through a memory map: the dataset never has to fit in memory. decode(i) ->
+    (image, extra) or None; failed images are dropped, `base`.json lists the kept ones and their
+    extras. The array is renamed last: an interrupted build is never taken for a finished one."""
+    tmp, shape = f"{base}.{os.getpid()}.tmp.npy", (3, height, width)
     try:
-        array = np.lib.format.open_memmap(tmp, "w+", np.uint8, (count, 3, height, width))
+        array = np.lib.format.open_memmap(tmp, "w+", np.uint8, (count, *shape))
 
         def work(i):
             result = decode(i)
             if result is not None:
                 array[i] = result[0]                                # each thread its own rows
-            return None if result is None else result[1]
+                return result[1]
 
         with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
             extras = list(pool.map(work, range(count)))
         kept = [i for i, e in enumerate(extras) if e is not None]
         if not kept:
             raise UserError(f"none of the {count} image files could be read")
+        array.flush()
         if len(kept) < count:                                       # copy to a file of N rows
-            final = np.lib.format.open_memmap(tmp + ".npy", "w+", np.uint8, (len(kept),
-                                                                            *array.shape[1:]))
+            final = np.lib.format.open_memmap(tmp + ".npy", "w+", np.uint8, (len(kept), *shape))
             for j, i in enumerate(kept):
                 final[j] = array[i]
             final.flush()
             os.replace(tmp + ".npy", tmp)
-        array.flush()
         with open(tmp + ".json", "w") as f:
             json.dump({"kept": kept, "extras": [extras[i] for i in kept]}, f)
         os.replace(tmp + ".json", base + ".json")
@@ -819,14 +801,12 @@ def build_cache(base, count, height, width, decode, num_workers):
 
 
 # Copied from ddpm.load_dataset
-def load_dataset(args, rank=0, world=1, log=print):
-    """The training images as a read-only memory map uint8 (N, 3, H, W), labels (N,) or None,
-    and the class names. They are decoded once into an array file in --cache_dir named by a hash
-    of what they depend on (a folder's file paths, sizes and modification times, or the built-in
-    dataset's size and seed; the training size): later runs on the same data reuse it, a changed
-    folder gets a new one, and a folder larger than memory trains from disk through the page
-    cache. Under DDP one process builds the file while the others wait; all map the same file.
-    Old files are not removed: delete --cache_dir to reclaim the space."""
+def load_dataset(args, rank=0, log=print):
+    """A read-only memory map uint8 (N, 3, H, W), labels (N,) or None, and the class names,
+    decoded once into a --cache_dir file named by a hash of its sources (each file's path, size
+    and mtime, or the built-in size and seed; the training size). A folder larger than memory
+    trains through the page cache. One process per machine builds the file, the others wait (the
+    renames are atomic). Old files stay: delete --cache_dir to reclaim the space."""
     (h, w), root = args.image_size, args.dataset_path
     if root is None:
         count, classes = args.procedural_size, ["day", "dusk"]
@@ -834,24 +814,18 @@ def load_dataset(args, rank=0, world=1, log=print):
         decode = functools.partial(procedural_landscape, height=h, width=w, seed=args.seed)
     else:
         paths, labels, classes = find_images(root, args.class_conditional)
-        count = len(paths)
+        count, decode = len(paths), lambda i: load_image(paths[i], h, w)
 
         def signature(path):
             try:
-                return [os.path.relpath(path, root), os.stat(path).st_size,
-                        os.stat(path).st_mtime_ns]
+                stat = os.stat(path)
             except OSError:                                         # a dangling link: skipped
                 return [os.path.relpath(path, root), None, None]    # as unreadable below
-
-        def decode(i):
-            return load_image(paths[i], h, w)
-
+            return [os.path.relpath(path, root), stat.st_size, stat.st_mtime_ns]
         source = [os.path.realpath(root), [signature(p) for p in paths]]
     key = hashlib.sha256(json.dumps([source, h, w]).encode()).hexdigest()
     name = os.path.basename(os.path.abspath(root or "procedural"))
     base = os.path.join(args.cache_dir, f"{name}-{h}x{w}-{key[:16]}")
-    # One process per machine builds the file (on shared storage two machines may both build it:
-    # each writes its own temporary file, and the renames are atomic); the others wait for it.
     if int(os.environ.get("LOCAL_RANK", 0)) == 0 and not os.path.exists(base + ".npy"):
         try:
             os.makedirs(args.cache_dir, exist_ok=True)
@@ -859,27 +833,25 @@ def load_dataset(args, rank=0, world=1, log=print):
             raise UserError(f"--cache_dir {args.cache_dir}: {error.strerror}") from None
         log(f"decoding {count} images into {base}.npy (once; later runs reuse it)")
         build_cache(base, count, h, w, decode, args.num_workers)
-    while not os.path.exists(base + ".npy"):
+    while not os.path.exists(base + ".npy"):                        # another process builds it
         time.sleep(1)
     with open(base + ".json") as f:
-        info = json.load(f)                                         # kept files and extras
+        info = json.load(f)                                         # kept images and extras
     if root is None:
         labels = info["extras"]                                     # day / dusk
         log(f"dataset: {count} built-in procedural landscapes at {h}x{w}")
     else:
         bad = sorted(set(paths) - {paths[i] for i in info["kept"]})
         if bad and rank == 0:
+            more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
             print(f"{METHOD}.py: warning: skipping {len(bad)} unreadable image file(s): "
-                  + ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""),
-                  file=sys.stderr)
+                  f"{', '.join(bad[:5])}{more}", file=sys.stderr)
         labels = labels and [labels[i] for i in info["kept"]]
         log(f"dataset: {len(info['kept'])} images from {root}, {len(bad)} skipped, "
             f"{sum(info['extras'])} upscaled to {h}x{w}"
             + (f", classes: {', '.join(classes)}" if labels else ""))
     images = np.load(base + ".npy", mmap_mode="r")
-    if not args.class_conditional:
-        return images, None, []
-    return images, torch.tensor(labels), classes
+    return (images, torch.tensor(labels), classes) if args.class_conditional else (images, None, [])
 
 
 # Copied from ddpm.batch_indices
@@ -902,9 +874,8 @@ def epoch_order(num_images, seed, epoch):
 
 # Copied from ddpm.make_batch
 def make_batch(images, labels, indices, args, device):
-    """uint8 (N, 3, H, W) -> x_0 in [-1, 1], flipped at random (--hflip), and labels replaced by
-    the null label with probability --label_dropout (Ho & Salimans Algorithm 1), drawn per image
-    from the global torch generator (whose state the checkpoint saves)."""
+    """uint8 (N, 3, H, W) -> x_0 in [-1, 1], flipped at random (--hflip), labels replaced by the
+    null label with probability --label_dropout (Ho & Salimans Alg. 1); the global generator."""
     x = torch.from_numpy(images[indices.numpy()]).to(device).float() / 127.5 - 1.0
     if args.hflip:
         flip = (torch.rand(x.shape[0]) < 0.5).to(device)
@@ -988,26 +959,6 @@ def lr_lambda(step, warmup_steps, max_steps, schedule):
     return 1.0 if schedule == "constant" else 0.5 * (1 + math.cos(math.pi * progress))
 
 
-# Copied from ddpm.rng_state
-def rng_state():
-    """Every generator a run draws from, as tensors and lists (for weights_only loading)."""
-    name, keys, *rest = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), *rest],
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-# Copied from ddpm.set_rng_state
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
 # Copied from ddpm.save_checkpoint
 def save_checkpoint(path, state):
     """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
@@ -1023,16 +974,13 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:                                      # truncated, not a zip, ...
-        raise UserError(f"checkpoint {path} cannot be read ({type(error).__name__}); it is "
-                        f"truncated or not a checkpoint") from None
+        raise UserError(f"{path} cannot be read as a checkpoint ({type(error).__name__})") from None
     if not isinstance(ckpt, dict) or "method" not in ckpt:
         raise UserError(f"{path} is not a checkpoint of this repository")
-    if ckpt["method"] != METHOD:
-        raise UserError(f"{path} is a {ckpt['method']}.py checkpoint; use {ckpt['method']}.py "
-                        f"with it, or pass a {METHOD}.py checkpoint")
-    if ckpt.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{path} has checkpoint format {ckpt.get('format_version')}; this "
-                        f"script reads format {FORMAT_VERSION}")
+    if (ckpt["method"], ckpt.get("format_version")) != (METHOD, FORMAT_VERSION):
+        raise UserError(f"{path} is a {ckpt['method']}.py checkpoint of format "
+                        f"{ckpt.get('format_version')}; {METHOD}.py reads its format "
+                        f"{FORMAT_VERSION}")
     return ckpt
 
 
@@ -1064,14 +1012,6 @@ def setup_distributed():
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if cuda else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
-
-
-# Copied from ddpm.peak_memory_mb
-def peak_memory_mb(device):
-    """The CUDA allocator's peak on a GPU; the process's peak resident memory on a CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024       # Linux: KiB
 
 
 # Copied from ddpm.build_run
@@ -1106,8 +1046,14 @@ def build_run(args, ckpt, device, rank, world):
             group.update(hyperparameters, lr=args.lr * run.scheduler.lr_lambdas[0](run.step))
         if ckpt["scaler"] and run.scaler.is_enabled():
             run.scaler.load_state_dict(ckpt["scaler"])
-        if world == 1:               # only rank 0's generators are saved: under DDP a resumed
-            set_rng_state(ckpt["rng"])  # run is statistically the same, not bitwise
+        rng = ckpt["rng"]            # only rank 0's generators are saved: under DDP a resumed
+        if world == 1:               # run is statistically the same, not bitwise
+            torch.set_rng_state(rng["torch"])
+            if torch.cuda.is_available() and rng["cuda"]:
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            np.random.set_state((rng["numpy"][0], rng["numpy"][1].numpy().astype(np.uint32),
+                                 *rng["numpy"][2:]))
+            random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
     run.model = raw if world == 1 else DistributedDataParallel(
         raw, device_ids=[device.index] if device.type == "cuda" else None)
     return run
@@ -1115,9 +1061,9 @@ def build_run(args, ckpt, device, rank, world):
 
 # Copied from ddpm.micro_batch_step
 def micro_batch_step(model, diffusion, x0, y, args, scaler, autocast, sync):
-    """Forward and backward of one micro-batch, one loss term at a time (training_losses);
-    gradients accumulate. Under DDP only the last term of a micro-batch with `sync` all-reduces
-    (DDP decides at forward time, so the forward runs in no_sync too). Returns the loss share."""
+    """Forward and backward of one micro-batch's loss terms in turn; gradients accumulate. Under
+    DDP only the last term with `sync` all-reduces (the forward runs in no_sync too: DDP decides
+    at forward time). Returns the loss share."""
     terms, total = diffusion.training_losses(model, x0, y), 0.0
     for i, term in enumerate(terms):
         no_sync = isinstance(model, DistributedDataParallel) and not (sync and i == len(terms) - 1)
@@ -1158,56 +1104,60 @@ def optimizer_step(run, args):
 
 # Copied from ddpm.save_run
 def save_run(run, args):
-    """checkpoints/step_<N>.pt and checkpoints/last.pt, each written atomically."""
+    """checkpoints/step_<N>.pt and checkpoints/last.pt, with every generator the run draws from
+    (as tensors and lists, for weights_only loading)."""
+    name, keys, *rest = np.random.get_state()
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "numpy": [name, torch.from_numpy(keys.astype(np.int64)), *rest],
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     state = {"model": run.raw.state_dict(), "ema": run.ema.state_dict(),
              "swa": run.swa.state_dict() if run.swa is not None else None,
              "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
              "lr_scheduler": run.scheduler.state_dict(), "step": run.step, "args": vars(args),
-             "rng": rng_state(), "method": METHOD, "format_version": FORMAT_VERSION}
+             "rng": rng, "method": METHOD, "format_version": FORMAT_VERSION}
     for name in (f"step_{run.step}.pt", "last.pt"):
         save_checkpoint(os.path.join(args.output_dir, "checkpoints", name), state)
 
 
-# Copied from ddpm.preview
-def preview(run, args, writer, progress):
-    """samples/step_<N>.png: --preview_samples images of the EMA weights in --preview_steps
-    steps, on fixed seeds, so that grids are comparable from step to step."""
-    grid = make_grid(generate(run.ema.shadow, run.diffusion, args, args.preview_samples,
-                              args.preview_steps, args.seed, progress=progress))
-    save_png(grid, os.path.join(args.output_dir, "samples", f"step_{run.step}.png"))
-    writer.add_image("samples", grid, run.step, dataformats="HWC")
-
-
 # Copied from ddpm.Progress
 class Progress:
-    """Rank 0's tqdm bar, and TensorBoard scalars every --log_every steps; when the output is not
-    a terminal (a log file, nohup) the bar is off and the same numbers are printed instead.
-    Images/s counts the training steps' own time: previews and saves are left out."""
+    """Rank 0's tqdm bar (printed lines instead when the output is not a terminal), TensorBoard
+    scalars every --log_every steps, and the preview grids. Images/s counts only training."""
 
-    def __init__(self, args, step, world, writer):
-        self.args, self.world, self.writer = args, world, writer
+    def __init__(self, args, step, world):
+        self.args, self.world, self.writer = args, world, SummaryWriter(args.output_dir)
         self.bar = tqdm(total=args.max_steps, initial=step, desc=METHOD, disable=None)
         self.steps, self.loss, self.seconds = 0, 0.0, 0.0
 
     def update(self, run, loss, seconds, grad_norm, lr, device):
+        a = self.args
         self.bar.update(1)
         self.steps, self.loss, self.seconds = self.steps + 1, self.loss + loss, \
             self.seconds + seconds
-        if run.step % self.args.log_every and run.step != self.args.max_steps:
+        if run.step % a.log_every and run.step != a.max_steps:
             return
-        ips = self.steps * self.args.batch_size * self.args.accumulation_iters * self.world \
-            / self.seconds
+        ips = self.steps * a.batch_size * a.accumulation_iters * self.world / self.seconds
+        memory = (torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda"
+                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
         scalars = {"loss": self.loss / self.steps, "lr": lr, "grad_norm": grad_norm,
-                   "images_per_sec": ips, "peak_memory_mb": peak_memory_mb(device),
-                   "nonfinite_steps": run.skipped}
+                   "images_per_sec": ips, "peak_memory_mb": memory, "nonfinite_steps": run.skipped}
         for name, value in scalars.items():
             self.writer.add_scalar(f"train/{name}", value, run.step)
         line = f"loss {scalars['loss']:.4f} lr {lr:.2e} {ips:.1f} img/s"
         self.bar.set_postfix_str(line)
         if self.bar.disable:
-            eta = self.seconds / self.steps * (self.args.max_steps - run.step) / 60
-            print(f"step {run.step}/{self.args.max_steps} {line} ETA {eta:.1f} min", flush=True)
+            eta = self.seconds / self.steps * (a.max_steps - run.step) / 60
+            print(f"step {run.step}/{a.max_steps} {line} ETA {eta:.1f} min", flush=True)
         self.steps, self.loss, self.seconds = 0, 0.0, 0.0
+
+    def preview(self, run):
+        """samples/step_<N>.png: --preview_samples images of the EMA weights in --preview_steps
+        steps, on fixed seeds, so that grids are comparable from step to step."""
+        a = self.args
+        grid = make_grid(generate(run.ema.shadow, run.diffusion, a, a.preview_samples,
+                                  a.preview_steps, a.seed, progress=not self.bar.disable))
+        save_png(grid, os.path.join(a.output_dir, "samples", f"step_{run.step}.png"))
+        self.writer.add_image("samples", grid, run.step, dataformats="HWC")
 
 
 # Copied from ddpm.train
@@ -1216,7 +1166,7 @@ def train(args, ckpt=None):
     rank, world, device = setup_distributed()
     log = print if rank == 0 else (lambda *a, **k: None)
     kernels.set_backend(args.kernels)
-    images, labels, classes = load_dataset(args, rank, world, log)
+    images, labels, classes = load_dataset(args, rank, log)
     args.num_classes = len(classes)
     check_labels(args)                                              # the previews use them
     if ckpt is not None:                                            # the folder's classes changed
@@ -1230,8 +1180,7 @@ def train(args, ckpt=None):
             os.makedirs(os.path.join(args.output_dir, folder), exist_ok=True)
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=2)
-        writer = SummaryWriter(args.output_dir)
-        progress = Progress(args, run.step, world, writer)
+        progress = Progress(args, run.step, world)
         log(f"{METHOD}: {sum(p.numel() for p in run.raw.parameters()) / 1e6:.2f}M parameters, "
             f"{world} process(es) on {device}, {args.batch_size * args.accumulation_iters * world}"
             f" images per step" + (f", resumed at step {run.step}" if ckpt else ""))
@@ -1244,20 +1193,19 @@ def train(args, ckpt=None):
             k = run.step * args.accumulation_iters + micro          # this rank's micro-batch k
             x0, y = make_batch(images, labels, batch_indices(k, len(images), args.batch_size,
                                                              args.seed, rank, world), args, device)
-            sync = micro == args.accumulation_iters - 1             # all-reduce in the last one
             loss += micro_batch_step(run.model, run.diffusion, x0, y, args, run.scaler, autocast,
-                                     sync)
+                                     sync=micro == args.accumulation_iters - 1)
         grad_norm, lr = optimizer_step(run, args)
         if rank == 0:
             progress.update(run, loss, time.perf_counter() - start, grad_norm, lr, device)
             last = run.step == args.max_steps
             if run.step % args.sample_every == 0 or last:
-                preview(run, args, writer, progress=not progress.bar.disable)
+                progress.preview(run)
             if run.step % args.save_every == 0 or last:
                 save_run(run, args)
     if rank == 0:
         progress.bar.close()
-        writer.close()
+        progress.writer.close()
         log(f"done: {run.step} steps, checkpoints in {args.output_dir}/checkpoints"
             + (f", {run.skipped} steps skipped for non-finite gradients" if run.skipped else ""))
     if world > 1:
@@ -1312,11 +1260,11 @@ class Parser(argparse.ArgumentParser):
 
 
 # Copied from ddpm.at_least
-def at_least(low, kind=int):
-    """An argparse type: a number of `kind` that is at least `low` (NaN is refused too)."""
+def at_least(low, kind=int, below=math.inf):
+    """An argparse type: a number of `kind` in [low, below) (NaN is refused too)."""
     def number(text):
-        if not kind(text) >= low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        if not low <= kind(text) < below:
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {below}), got {text}")
         return kind(text)
     return number
 
@@ -1339,20 +1287,10 @@ def image_size(text):
     return size * (3 - len(size))
 
 
-# Copied from ddpm.fraction
-def fraction(text):
-    """An argparse type: a probability or decay in [0, 1)."""
-    if not 0.0 <= float(text) < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return float(text)
-
-
 # Copied from ddpm.add_flag
 def add_flag(parser, groups, group, name, default=None, help="", **kw):
     """parser.add_argument in argument group `group`; a bool default makes --name and --no_name."""
-    if group not in groups:
-        groups[group] = parser.add_argument_group(group)
-    g = groups[group]
+    g = groups.get(group) or groups.setdefault(group, parser.add_argument_group(group))
     if isinstance(default, bool):
         g.add_argument(f"--{name}", action="store_true", default=default, help=help)
         return g.add_argument(f"--no_{name}", dest=name, action="store_false",
@@ -1369,6 +1307,8 @@ def build_shared_parser():
                "a checkpoint with --sample. Explicit flags override --preset.")
     p.set_defaults(num_classes=0)
     add = functools.partial(add_flag, p, {})
+    pos, nonneg, real = at_least(1), at_least(0), at_least(0.0, float)
+    frac = at_least(0.0, float, 1.0)                                # a probability or decay
 
     add("mode", "preset", "quick", "quick: minutes on a 2-core CPU; paper: the published setup "
         "(with --resume or --sample the checkpoint's configuration replaces it)",
@@ -1381,63 +1321,53 @@ def build_shared_parser():
     add("data", "image_size", "32", "training resolution, N or HxW", type=image_size)
     add("data", "class_conditional", False, "top-level subfolders are classes (built-in: 2)")
     add("data", "hflip", True, "random horizontal flips (--no_hflip: off)")
-    add("data", "procedural_size", 4096, "number of built-in images", type=at_least(1))
-    add("data", "num_workers", 4, "threads that decode images into the cache", type=at_least(1))
-    add("model", "base_channels", 32, "width at level 0", type=at_least(1))
-    add("model", "channel_mults", "1,2,2", "width multiplier per level (paper: per size)",
-        type=numbers(float))
-    add("model", "num_res_blocks", 1, "ResBlocks per level", type=at_least(1))
-    add("model", "attention_resolutions", "8", "feature-map sides with self-attention",
-        type=numbers(int))
-    add("model", "num_heads", 4, "attention heads", type=at_least(1))
-    add("model", "dropout", 0.0, "dropout in the ResBlocks", type=fraction)
-    add("model", "label_dropout", 0.1, "null-label probability in training", type=fraction)
-    add("diffusion", "schedule", "cosine", "noise schedule",
-        choices=["linear", "cosine", "sigmoid"])
+    add("data", "procedural_size", 4096, "number of built-in images", type=pos)
+    add("data", "num_workers", 4, "threads that decode images into the cache", type=pos)
+    add("model", "base_channels", 32, "width at level 0", type=pos)
+    add("model", "channel_mults", "1,2,2", "width per level / base", type=numbers(float))
+    add("model", "num_res_blocks", 1, "ResBlocks per level", type=pos)
+    add("model", "attention_resolutions", "8", "sides with attention", type=numbers(int))
+    add("model", "num_heads", 4, "attention heads", type=pos)
+    add("model", "dropout", 0.0, "dropout in the ResBlocks", type=frac)
+    add("model", "label_dropout", 0.1, "null-label probability in training", type=frac)
+    add("diffusion", "schedule", "cosine", "beta schedule", choices=["linear", "cosine", "sigmoid"])
     add("diffusion", "zero_terminal_snr", False, "rescale to alpha_bar_T = 0 (Lin et al.)")
     add("diffusion", "timesteps", 1000, "diffusion steps T", type=at_least(2))
     add("diffusion", "prediction", "eps", "network output", choices=["eps", "x0", "v"])
-    add("diffusion", "min_snr_gamma", 0.0, "min-SNR-gamma loss weighting (Hang et al.; 0: off)",
-        type=at_least(0.0, float))
+    add("diffusion", "min_snr_gamma", 0.0, "min-SNR-gamma weighting (0: off)", type=real)
     add("diffusion", "loss", "mse", "elementwise error", choices=["mse", "l1", "huber"])
     add("diffusion", "variance", "small", "ancestral sigma_t^2: beta~_t (small) or beta_t",
         choices=["small", "large"])
-    add("optimisation", "batch_size", 32, "images per micro-batch and process; sampling batch",
-        type=at_least(1))
-    add("optimisation", "accumulation_iters", 1, "micro-batches per step", type=at_least(1))
-    add("optimisation", "max_steps", 1200, "optimizer steps", type=at_least(1))
-    add("optimisation", "lr", 1e-3, "peak AdamW learning rate", type=at_least(0.0, float))
-    add("optimisation", "lr_schedule", "cosine", "after warmup: cosine to 0, or constant",
-        choices=["cosine", "constant"])
-    add("optimisation", "warmup_steps", 100, "linear LR warmup steps", type=at_least(0))
-    add("optimisation", "weight_decay", 0.0, "AdamW weight decay", type=at_least(0.0, float))
-    add("optimisation", "grad_clip", 1.0, "gradient norm clip (0: off)", type=at_least(0.0, float))
+    add("optimisation", "batch_size", 32, "images per micro-batch and process", type=pos)
+    add("optimisation", "accumulation_iters", 1, "micro-batches per step", type=pos)
+    add("optimisation", "max_steps", 1200, "optimizer steps", type=pos)
+    add("optimisation", "lr", 1e-3, "peak AdamW learning rate", type=real)
+    add("optimisation", "lr_schedule", "cosine", "after warmup", choices=["cosine", "constant"])
+    add("optimisation", "warmup_steps", 100, "linear LR warmup steps", type=nonneg)
+    add("optimisation", "weight_decay", 0.0, "AdamW weight decay", type=real)
+    add("optimisation", "grad_clip", 1.0, "gradient norm clip (0: off)", type=real)
     add("optimisation", "precision", "fp32", "autocast dtype; fp16 adds a GradScaler",
         choices=["fp32", "bf16", "fp16"])
-    add("optimisation", "ema_decay", 0.995, "EMA decay per step", type=fraction)
-    add("optimisation", "ema_start", 200, "steps the EMA copies before it averages",
-        type=at_least(0))
+    add("optimisation", "ema_decay", 0.995, "EMA decay per step", type=frac)
+    add("optimisation", "ema_start", 200, "steps the EMA copies before it averages", type=nonneg)
     add("optimisation", "swa", False, "also keep a stochastic weight average")
-    add("optimisation", "swa_start", 800, "step from which --swa averages", type=at_least(0))
-    add("optimisation", "max_nonfinite_steps", 25, "stop after this many non-finite steps in a row",
-        type=at_least(1))
+    add("optimisation", "swa_start", 800, "step from which --swa averages", type=nonneg)
+    add("optimisation", "max_nonfinite_steps", 25, "non-finite steps in a row to stop", type=pos)
     add("run", "output_dir", help=f"default runs/{METHOD} (with --sample: runs/{METHOD}/generated)")
-    add("run", "save_every", 400, "checkpoint every N steps", type=at_least(1))
-    add("run", "sample_every", 400, "preview grid every N steps", type=at_least(1))
-    add("run", "preview_samples", 16, "images in a preview grid", type=at_least(1))
-    add("run", "preview_steps", 50, "--sampler steps of a preview", type=at_least(1))
-    add("run", "log_every", 10, "log every N steps", type=at_least(1))
-    add("run", "seed", 0, "random seed", type=at_least(0))
+    add("run", "save_every", 400, "checkpoint every N steps", type=pos)
+    add("run", "sample_every", 400, "preview grid every N steps", type=pos)
+    add("run", "preview_samples", 16, "images in a preview grid", type=pos)
+    add("run", "preview_steps", 50, "--sampler steps of a preview", type=pos)
+    add("run", "log_every", 10, "log every N steps", type=pos)
+    add("run", "seed", 0, "random seed", type=nonneg)
     add("run", "resume", help="'latest' (OUTPUT_DIR/checkpoints/last.pt) or a checkpoint path")
     add("run", "kernels", "auto", "group norm and attention", choices=["auto", "triton", "torch"])
-    add("sampling", "sampler", "ddim", "ancestral (Ho et al. Alg. 2) or DDIM (Song et al.)",
-        choices=["ddpm", "ddim"])
-    add("sampling", "sampling_steps", 50, "respaced steps of --sample", type=at_least(1))
-    add("sampling", "eta", 0.0, "DDIM noise: 0 deterministic, 1 ancestral",
-        type=at_least(0.0, float))
+    add("sampling", "sampler", "ddim", "ancestral (Ho et al.) or DDIM", choices=["ddpm", "ddim"])
+    add("sampling", "sampling_steps", 50, "respaced steps of --sample", type=pos)
+    add("sampling", "eta", 0.0, "DDIM noise: 0 deterministic, 1 ancestral", type=real)
     add("sampling", "guidance_scale", 1.0, "s in out_u + s (out_c - out_u)", type=float)
     add("sampling", "class_label", help="class to sample (default: cycle)", type=int)
-    add("sampling", "num_samples", 16, "images --sample writes", type=at_least(1))
+    add("sampling", "num_samples", 16, "images --sample writes", type=pos)
     add("sampling", "weights", "ema", "weights --sample uses", choices=["ema", "model", "swa"])
     add("sampling", "save_gif", False, "with --sample: also write trajectory.gif")
     return p
@@ -1461,15 +1391,14 @@ def build_parser():
 
 # Copied from ddpm.check_args
 def check_args(args):
-    """Parse the list-valued flags and check everything that can be checked before any work."""
+    """Fill in --channel_mults and --output_dir, and check all that can be before any work."""
     if args.channel_mults is None:
         args.channel_mults = paper_channel_mults(*args.image_size)
     widths = [args.base_channels * m for m in args.channel_mults]
     if not widths or any(w != int(w) or w < 4 for w in widths):
         raise UserError(f"--base_channels x --channel_mults gives {widths} channels; every level "
                         f"needs a whole number of at least 4")
-    h, w = unet_input_size(args)
-    factor = 2 ** (len(widths) - 1)
+    (h, w), factor = unet_input_size(args), 2 ** (len(widths) - 1)
     if h % factor or w % factor:
         raise UserError(f"the U-Net's {h}x{w} input is not divisible by its downsampling factor "
                         f"{factor} (2^(levels-1)); use a multiple of {factor} or fewer levels")
@@ -1529,10 +1458,9 @@ NOT_INHERITED = ("dataset_path", "output_dir", "resume", "seed", "weights", "sav
 # Copied from ddpm.dry_run
 def dry_run(args):
     """Print the configuration and the parameter count (and check the dataset folder)."""
-    if args.class_conditional:
-        args.num_classes = len(find_images(args.dataset_path, True)[2]) if args.dataset_path else 2
-    elif args.dataset_path is not None:
-        find_images(args.dataset_path, False)
+    classes = find_images(args.dataset_path, args.class_conditional)[2] if args.dataset_path \
+        else ["day", "dusk"]
+    args.num_classes = len(classes) if args.class_conditional else 0
     print(json.dumps(vars(args), indent=2))
     print(f"parameters: {sum(p.numel() for p in build_model(args).parameters()):,}")
     return 0
@@ -1542,37 +1470,28 @@ def dry_run(args):
 def main(argv=None):
     try:
         mode = mode_parser().parse_known_args(argv)[0]
+        if mode.sample and mode.checkpoint is None:
+            raise UserError("--sample needs --checkpoint PATH")
+        path = mode.checkpoint if mode.sample else mode.resume
+        if path == "latest" and not mode.sample:
+            path = os.path.join(mode.output_dir or os.path.join("runs", METHOD), "checkpoints",
+                                "last.pt")
+            if not os.path.isfile(path):
+                raise UserError(f"--resume latest: no checkpoint at {path}; start without --resume")
+        ckpt = None if path is None else load_checkpoint(path)   # its configuration; flags win
+        ignore = NOT_INHERITED if mode.sample else ("resume", "dry_run", "preset")
+        args = parse_args(argv, ckpt and {k: v for k, v in ckpt["args"].items() if k not in ignore})
         if mode.sample:
-            if mode.checkpoint is None:
-                raise UserError("--sample needs --checkpoint PATH")
-            ckpt = load_checkpoint(mode.checkpoint)
-            args = parse_args(argv, {k: v for k, v in ckpt["args"].items()
-                                     if k not in NOT_INHERITED})
-            check_compatible(ckpt["args"], args, mode.checkpoint)
+            check_compatible(ckpt["args"], args, path)
             return sample_main(args, ckpt)
-        ckpt = path = None
-        if mode.resume is not None:                # the run's configuration; flags given win
-            path = mode.resume
-            if path == "latest":
-                path = os.path.join(mode.output_dir or os.path.join("runs", METHOD),
-                                    "checkpoints", "last.pt")
-                if not os.path.isfile(path):
-                    raise UserError(f"--resume latest: no checkpoint at {path}; start without "
-                                    f"--resume")
-            ckpt = load_checkpoint(path)
-        args = parse_args(argv, ckpt and {k: v for k, v in ckpt["args"].items()
-                                          if k not in ("resume", "dry_run", "preset")})
         if ckpt is not None:
             args.resume = path
             check_compatible(ckpt["args"], args, path,
                              [k for k in ARCHITECTURE_KEYS if k != "num_classes"])
         return dry_run(args) if args.dry_run else train(args, ckpt)
-    except UserError as error:
+    except (UserError, TrainingDiverged) as error:
         print(f"{METHOD}.py: error: {error}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as error:
-        print(f"{METHOD}.py: error: {error}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(error, UserError) else 1
 
 
 if __name__ == "__main__":
