@@ -1024,15 +1024,17 @@ def train(args, ckpt=None):
 
 # `--preset paper`: Ho et al. 2020, Appendix B: 128 channels, 2 residual blocks per level,
 # attention at 16x16, dropout 0.1, Adam 2e-4 after 5000 warmup steps and no decay, batch 128,
-# 800k steps, EMA 0.9999, linear schedule with T = 1000, gradient clipping at 1; sampling with
-# 1000 ancestral steps and sigma_t^2 = beta_t. The channel multipliers depend on the resolution.
+# 800k steps, EMA 0.9999, linear schedule with T = 1000, eps prediction, gradient clipping at 1;
+# sampling with 1000 ancestral steps and sigma_t^2 = beta_t. The channel multipliers depend on
+# the resolution. The quick preset is the parser's defaults: see bench/results/ablation_*.md.
 PRESETS = {
     "quick": {},
     "paper": dict(base_channels=128, channel_mults=None, num_res_blocks=2,
                   attention_resolutions="16", num_heads=1, dropout=0.1, schedule="linear",
-                  batch_size=128, max_steps=800_000, lr=2e-4, lr_schedule="constant",
-                  warmup_steps=5000, ema_decay=0.9999, ema_start=0, save_every=10_000,
-                  sample_every=10_000, sampler="ddpm", sampling_steps=1000, variance="large"),
+                  prediction="eps", batch_size=128, max_steps=800_000, lr=2e-4,
+                  lr_schedule="constant", warmup_steps=5000, ema_decay=0.9999, ema_start=0,
+                  save_every=10_000, sample_every=10_000, sampler="ddpm", sampling_steps=1000,
+                  variance="large"),
 }
 
 
@@ -1120,7 +1122,7 @@ def build_parser():
     add("diffusion", "schedule", "cosine", "beta schedule", choices=["linear", "cosine", "sigmoid"])
     add("diffusion", "zero_terminal_snr", False, "rescale to alpha_bar_T = 0 (Lin et al.)")
     add("diffusion", "timesteps", 1000, "diffusion steps T", type=at_least(2))
-    add("diffusion", "prediction", "eps", "network output", choices=["eps", "x0", "v"])
+    add("diffusion", "prediction", "v", "network output (paper: eps)", choices=["eps", "x0", "v"])
     add("diffusion", "min_snr_gamma", 0.0, "min-SNR-gamma weighting (0: off)", type=real)
     add("diffusion", "loss", "mse", "elementwise error", choices=["mse", "l1", "huber"])
     add("diffusion", "variance", "small", "ancestral sigma_t^2: beta~_t (small) or beta_t",

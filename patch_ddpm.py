@@ -1237,8 +1237,9 @@ PRESETS = {
     "paper": dict(image_size="128", base_channels=128, channel_mults="1,2,4,8", num_res_blocks=2,
                   attention_resolutions="16,8,4", patch_divider=4, batch_size=32,
                   max_steps=100_000, lr=1e-4, lr_schedule="constant", warmup_steps=0,
-                  grad_clip=0.0, ema_decay=0.995 ** 0.1, ema_start=2000, seed=1234,
-                  save_every=2000, sample_every=2000, sampler="ddpm", sampling_steps=1000),
+                  prediction="eps", grad_clip=0.0, ema_decay=0.995 ** 0.1, ema_start=2000,
+                  seed=1234, save_every=2000, sample_every=2000, sampler="ddpm",
+                  sampling_steps=1000),
 }
 
 
@@ -1333,7 +1334,7 @@ def build_shared_parser():
     add("diffusion", "schedule", "cosine", "beta schedule", choices=["linear", "cosine", "sigmoid"])
     add("diffusion", "zero_terminal_snr", False, "rescale to alpha_bar_T = 0 (Lin et al.)")
     add("diffusion", "timesteps", 1000, "diffusion steps T", type=at_least(2))
-    add("diffusion", "prediction", "eps", "network output", choices=["eps", "x0", "v"])
+    add("diffusion", "prediction", "v", "network output (paper: eps)", choices=["eps", "x0", "v"])
     add("diffusion", "min_snr_gamma", 0.0, "min-SNR-gamma weighting (0: off)", type=real)
     add("diffusion", "loss", "mse", "elementwise error", choices=["mse", "l1", "huber"])
     add("diffusion", "variance", "small", "ancestral sigma_t^2: beta~_t (small) or beta_t",

@@ -34,6 +34,7 @@ import argparse
 import datetime
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -262,7 +263,7 @@ def main():
     def add_row(name, params, step, seconds, samples, flags=None):
         fd, noisy, covered = score(samples, real, labels)
         ddpm.save_png(ddpm.make_grid(torch.from_numpy(samples[:64])),
-                      f"{base}_{name.replace(' ', '_').replace('/', '_')}.png")
+                      f"{base}_{re.sub(r'[^A-Za-z0-9.-]+', '_', name).strip('_')}.png")
         rows.append((name, flags, params, step, seconds, fd, noisy, covered))
         print(f"{name}: FD {fd:.4f}, {noisy} left in noise, classes {covered}", flush=True)
 
