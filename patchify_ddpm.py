@@ -1341,7 +1341,7 @@ def build_shared_parser():
         choices=["small", "large"])
     add("optimisation", "batch_size", 32, "images per micro-batch and process", type=pos)
     add("optimisation", "accumulation_iters", 1, "micro-batches per step", type=pos)
-    add("optimisation", "max_steps", 1200, "optimizer steps", type=pos)
+    add("optimisation", "max_steps", 1000, "optimizer steps", type=pos)
     add("optimisation", "lr", 1e-3, "peak AdamW learning rate", type=real)
     add("optimisation", "lr_schedule", "cosine", "after warmup", choices=["cosine", "constant"])
     add("optimisation", "warmup_steps", 100, "linear LR warmup steps", type=nonneg)
