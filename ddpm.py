@@ -48,7 +48,7 @@ from tqdm import tqdm
 import kernels
 
 METHOD = "ddpm"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 class UserError(Exception):
@@ -406,6 +406,10 @@ def per_image_noise(shape, seeds, device):
     return lambda: torch.stack([torch.randn(shape[1:], generator=g) for g in generators]).to(device)
 
 
+# --sampler: name -> what it is.
+SAMPLERS = {"ddim": "DDIM (Song et al.)", "ddpm": "ancestral (Ho et al. Alg. 2)"}
+
+
 @torch.no_grad()
 def sample(model, diffusion, shape, seeds, sampler="ddim", steps=50, eta=0.0, y=None,
            guidance_scale=1.0, trajectory=None, progress=False):
@@ -431,7 +435,7 @@ def sample(model, diffusion, shape, seeds, sampler="ddim", steps=50, eta=0.0, y=
 def generate(model, diffusion, args, num, steps, seed, trajectory=None, progress=False):
     """`num` images in batches of --batch_size; image i has noise seed (seed, i) and class
     --class_label or i mod num_classes, whatever the batch size. -> uint8 (num, 3, H, W)."""
-    device, images = diffusion.betas.device, []
+    device, images = next(model.parameters()).device, []
     for start in tqdm(range(0, num, args.batch_size), "batches", disable=not progress):
         index = torch.arange(start, min(start + args.batch_size, num))
         y = None
@@ -767,12 +771,14 @@ class EMA:
         self.shadow.load_state_dict(state["shadow"])
 
 
-def lr_lambda(step, warmup_steps, max_steps, schedule):
-    """Linear warmup over `warmup_steps`, then cosine decay to 0 at `max_steps`, or constant."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return 1.0 if schedule == "constant" else 0.5 * (1 + math.cos(math.pi * progress))
+def lr_lambda(run, args):
+    """The LR factor of step `run.step`: linear warmup over --warmup_steps, then cosine decay to 0
+    at --max_steps, or constant."""
+    step, warmup = run.step, args.warmup_steps
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, args.max_steps - warmup))
+    return 1.0 if args.lr_schedule == "constant" else 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def save_checkpoint(path, state):
@@ -826,15 +832,18 @@ def setup_distributed():
 
 def build_run(args, ckpt, device, rank, world):
     """Everything a run trains: model (DDP-wrapped when world > 1), EMA, SWA, optimizer, LR
-    schedule, GradScaler (fp16 only), diffusion and step, restored from `ckpt` when resuming."""
+    schedule, GradScaler (fp16 only), autocast, diffusion, the step and the images seen (`nimg`),
+    restored from `ckpt` when resuming."""
     torch.manual_seed(args.seed)                                    # the same weights everywhere
     raw = build_model(args).to(device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
     run = argparse.Namespace(raw=raw, ema=EMA(raw, args.ema_decay, args.ema_start), step=0,
-                             swa=AveragedModel(raw) if args.swa else None, nonfinite=0, skipped=0,
-                             diffusion=build_diffusion(args).to(device))
+                             nimg=0, swa=AveragedModel(raw) if args.swa else None, nonfinite=0,
+                             skipped=0, diffusion=build_diffusion(args).to(device), device=device,
+                             rank=rank, world=world, autocast=torch.autocast(
+                                 device.type, dtype=dtype, enabled=dtype is not None))
     run.optimizer = torch.optim.AdamW(raw.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    run.scheduler = torch.optim.lr_scheduler.LambdaLR(
-        run.optimizer, lambda s: lr_lambda(s, args.warmup_steps, args.max_steps, args.lr_schedule))
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lambda _: lr_lambda(run, args))
     run.scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     torch.manual_seed(args.seed + rank)                             # noise, t, flips, dropout
     np.random.seed(args.seed + rank)
@@ -850,6 +859,7 @@ def build_run(args, ckpt, device, rank, world):
         run.optimizer.load_state_dict(ckpt["optimizer"])
         run.scheduler.load_state_dict(ckpt["lr_scheduler"])
         run.step = run.scheduler.last_epoch = ckpt["step"]
+        run.nimg = ckpt["nimg"]
         run.scheduler.base_lrs = [args.lr] * len(given)
         for group, hyperparameters in zip(run.optimizer.param_groups, given):
             group.update(hyperparameters, lr=args.lr * run.scheduler.lr_lambdas[0](run.step))
@@ -883,6 +893,26 @@ def micro_batch_step(model, diffusion, x0, y, args, scaler, autocast, sync):
     return total
 
 
+def train_step(run, images, labels, args):
+    """The forward and backward passes of one optimizer step: micro-batch k of this rank reads
+    batch_indices(k), k = step * accumulation_iters + micro. Returns the loss."""
+    loss = 0.0
+    for micro in range(args.accumulation_iters):
+        k = run.step * args.accumulation_iters + micro
+        x0, y = make_batch(images, labels, batch_indices(k, len(images), args.batch_size,
+                                                         args.seed, run.rank, run.world),
+                           args, run.device)
+        loss += micro_batch_step(run.model, run.diffusion, x0, y, args, run.scaler, run.autocast,
+                                 sync=micro == args.accumulation_iters - 1)
+    run.nimg += args.batch_size * args.accumulation_iters * run.world
+    return loss
+
+
+def finished(run, args):
+    """Training ends after --max_steps optimizer steps."""
+    return run.step >= args.max_steps
+
+
 def optimizer_step(run, args):
     """Unscale, clip, step (skipped on a non-finite gradient), then the LR schedule, EMA and SWA.
     Returns the gradient norm and the learning rate this step used."""
@@ -900,8 +930,8 @@ def optimizer_step(run, args):
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
     lr = run.optimizer.param_groups[0]["lr"]
-    run.scheduler.step()
     run.step += 1
+    run.scheduler.step()                                            # lr_lambda reads run.step
     if finite:                                                      # a skipped step adds nothing
         run.ema.update(run.raw)
         if run.swa is not None and run.step > args.swa_start:
@@ -919,7 +949,8 @@ def save_run(run, args):
     state = {"model": run.raw.state_dict(), "ema": run.ema.state_dict(),
              "swa": run.swa.state_dict() if run.swa is not None else None,
              "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
-             "lr_scheduler": run.scheduler.state_dict(), "step": run.step, "args": vars(args),
+             "lr_scheduler": run.scheduler.state_dict(), "step": run.step, "nimg": run.nimg,
+             "args": vars(args),
              "rng": rng, "method": METHOD, "format_version": FORMAT_VERSION}
     for name in (f"step_{run.step}.pt", "last.pt"):
         save_checkpoint(os.path.join(args.output_dir, "checkpoints", name), state)
@@ -929,23 +960,24 @@ class Progress:
     """Rank 0's tqdm bar (printed lines instead when the output is not a terminal), TensorBoard
     scalars every --log_every steps, and the preview grids. Images/s counts only training."""
 
-    def __init__(self, args, step, world):
-        self.args, self.world, self.writer = args, world, SummaryWriter(args.output_dir)
-        self.bar = tqdm(total=args.max_steps, initial=step, desc=METHOD, disable=None)
-        self.steps, self.loss, self.seconds = 0, 0.0, 0.0
+    def __init__(self, args, run):
+        self.args, self.writer = args, SummaryWriter(args.output_dir)
+        self.bar = tqdm(total=args.max_steps, initial=run.step, desc=METHOD, disable=None)
+        self.steps, self.loss, self.seconds, self.nimg = 0, 0.0, 0.0, run.nimg
 
-    def update(self, run, loss, seconds, grad_norm, lr, device):
+    def update(self, run, loss, seconds, grad_norm, lr):
         a = self.args
         self.bar.update(1)
         self.steps, self.loss, self.seconds = self.steps + 1, self.loss + loss, \
             self.seconds + seconds
-        if run.step % a.log_every and run.step != a.max_steps:
+        if run.step % a.log_every and not finished(run, a):
             return
-        ips = self.steps * a.batch_size * a.accumulation_iters * self.world / self.seconds
-        memory = (torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda"
-                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
+        ips, self.nimg = (run.nimg - self.nimg) / self.seconds, run.nimg
+        memory = (torch.cuda.max_memory_allocated(run.device) / 2 ** 20 if run.device.type ==
+                  "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB
         scalars = {"loss": self.loss / self.steps, "lr": lr, "grad_norm": grad_norm,
-                   "images_per_sec": ips, "peak_memory_mb": memory, "nonfinite_steps": run.skipped}
+                   "images_per_sec": ips, "kimg": run.nimg / 1000, "peak_memory_mb": memory,
+                   "nonfinite_steps": run.skipped}
         for name, value in scalars.items():
             self.writer.add_scalar(f"train/{name}", value, run.step)
         line = f"loss {scalars['loss']:.4f} lr {lr:.2e} {ips:.1f} img/s"
@@ -984,25 +1016,18 @@ def train(args, ckpt=None):
             os.makedirs(os.path.join(args.output_dir, folder), exist_ok=True)
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=2)
-        progress = Progress(args, run.step, world)
+        progress = Progress(args, run)
         log(f"{METHOD}: {sum(p.numel() for p in run.raw.parameters()) / 1e6:.2f}M parameters, "
             f"{world} process(es) on {device}, {args.batch_size * args.accumulation_iters * world}"
             f" images per step" + (f", resumed at step {run.step}" if ckpt else ""))
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
     run.model.train()
-    while run.step < args.max_steps:
-        loss, start = 0.0, time.perf_counter()
-        for micro in range(args.accumulation_iters):
-            k = run.step * args.accumulation_iters + micro          # this rank's micro-batch k
-            x0, y = make_batch(images, labels, batch_indices(k, len(images), args.batch_size,
-                                                             args.seed, rank, world), args, device)
-            loss += micro_batch_step(run.model, run.diffusion, x0, y, args, run.scaler, autocast,
-                                     sync=micro == args.accumulation_iters - 1)
+    while not finished(run, args):
+        start = time.perf_counter()
+        loss = train_step(run, images, labels, args)
         grad_norm, lr = optimizer_step(run, args)
         if rank == 0:
-            progress.update(run, loss, time.perf_counter() - start, grad_norm, lr, device)
-            last = run.step == args.max_steps
+            progress.update(run, loss, time.perf_counter() - start, grad_norm, lr)
+            last = finished(run, args)
             if run.step % args.sample_every == 0 or last:
                 progress.preview(run)
             if run.step % args.save_every == 0 or last:
@@ -1151,7 +1176,8 @@ def build_parser():
     add("run", "seed", 0, "random seed", type=nonneg)
     add("run", "resume", help="'latest' (OUTPUT_DIR/checkpoints/last.pt) or a checkpoint path")
     add("run", "kernels", "auto", "group norm and attention", choices=["auto", "triton", "torch"])
-    add("sampling", "sampler", "ddim", "ancestral (Ho et al.) or DDIM", choices=["ddpm", "ddim"])
+    add("sampling", "sampler", "ddim", "; ".join(f"{k}: {v}" for k, v in SAMPLERS.items()),
+        choices=list(SAMPLERS))
     add("sampling", "sampling_steps", 50, "respaced steps of --sample", type=pos)
     add("sampling", "eta", 0.0, "DDIM noise: 0 deterministic, 1 ancestral", type=real)
     add("sampling", "guidance_scale", 1.0, "s in out_u + s (out_c - out_u)", type=float)

@@ -863,6 +863,7 @@ def test_training_run_logs_tensorboard_scalars(trained):
     assert np.isfinite(events.Scalars("train/loss")[0].value)
     assert events.Scalars("train/peak_memory_mb")[0].value > 0
     assert events.Scalars("train/images_per_sec")[0].value > 0
+    assert events.Scalars("train/kimg")[0].value == pytest.approx(2 * 4 / 1000)   # 2 steps of 4
     assert "samples" in tags["images"]
 
 
@@ -871,6 +872,7 @@ def test_checkpoint_format(trained):
     last step's checkpoint, loadable with weights_only into the model."""
     last, _ = testing_utils.conventional_checkpoints(trained["run"], "ddpm")
     assert last["format_version"] == ddpm.FORMAT_VERSION and last["swa"] is None
+    assert last["nimg"] == 2 * last["args"]["batch_size"]          # images seen in 2 steps
     assert last["args"]["image_size"] == [16, 16]
     model = ddpm.build_model(ddpm.parse_args(TINY))
     model.load_state_dict(last["model"])

@@ -30,7 +30,7 @@ SYNOPSIS_FLAGS = ["--dataset_path", "--output_dir", "--preset", "--sample", "--c
 
 # CONVENTIONS.md "Outputs": every entry of every script's checkpoint, and its training scalars.
 CHECKPOINT_KEYS = {"model", "ema", "swa", "optimizer", "scaler", "lr_scheduler", "step", "args",
-                   "rng", "method", "format_version"}
+                   "rng", "method", "format_version", "nimg"}
 TRAIN_SCALARS = ("train/loss", "train/lr", "train/grad_norm", "train/images_per_sec",
                  "train/peak_memory_mb")
 
