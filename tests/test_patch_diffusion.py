@@ -1,0 +1,428 @@
+"""patch_diffusion.py (Wang et al. 2023, on EDM): the coordinate channels and the crops against
+their definitions, the size draw against its probabilities, the crop counting, EDM's
+preconditioning, sigmas and Heun sampler against closed forms, --real_p 1 against plain EDM
+training and plain ddpm.py training (bitwise), a learning test, and the command line.
+
+Everything else (data, checkpoints, DDP plumbing, ...) is ddpm.py's, kept identical by
+tests/test_copies.py and tested in ddpm.py's tests.
+"""
+
+import argparse
+import copy
+import math
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import ddpm
+import patch_diffusion as pd
+import testing_utils
+from testing_utils import assert_user_error, randomize, run_main
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")            # tests/conftest.py
+
+# 16x16 images, a two-level U-Net (downsampling 2: crops of 4, 8 and 16 pixels), attention at 8.
+TINY = ["--image_size", "16", "--base_channels", "16", "--channel_mults", "1,2",
+        "--num_res_blocks", "1", "--attention_resolutions", "8", "--num_heads", "1",
+        "--batch_size", "4", "--procedural_size", "8", "--warmup_steps", "1",
+        "--preview_samples", "2", "--preview_steps", "2", "--num_samples", "2",
+        "--sampling_steps", "3", "--num_workers", "1"]
+CPU = torch.device("cpu")
+
+
+def tiny_args(*extra):
+    return testing_utils.tiny_args(pd, TINY, *extra)
+
+
+def grid_formula(height, width):
+    """The coordinate channels of a whole image by the paper's formula, (2, H, W)."""
+    x = (torch.arange(width) / (width - 1) - 0.5) * 2
+    y = (torch.arange(height) / (height - 1) - 0.5) * 2
+    return torch.stack([x.expand(height, width), y[:, None].expand(height, width)])
+
+
+def random_images(count=8, size=16):
+    return np.random.default_rng(0).integers(0, 256, (count, 3, size, size), dtype=np.uint8)
+
+
+# ------------------------------------------------------------------------------------------------
+# Coordinates and crops
+
+
+@pytest.mark.parametrize("size", [(16, 16), (16, 32), (24, 8)])
+@pytest.mark.parametrize("factor", [1, 2, 4])
+def test_crop_coordinates_are_the_crop_of_the_full_grid(size, factor):
+    """An image that is its own coordinate grid (channels x, y, 0): every crop carries as its
+    coordinate channels exactly its own first two channels."""
+    h, w = size
+    image = torch.cat([grid_formula(h, w), torch.zeros(1, h, w)]).expand(6, 3, h, w)
+    torch.manual_seed(0)
+    crops = pd.random_crops(image, factor)
+    assert crops.shape == (6, 5, h // factor, w // factor)
+    assert torch.equal(crops[:, :2], crops[:, 3:])
+    if factor > 1:                                                  # offsets of their own
+        assert len({tuple(c[3:, 0, 0].tolist()) for c in crops}) > 1
+
+
+def test_full_size_crop_is_the_image_with_the_sampler_grid():
+    """A full-size crop is the image itself with the grid of the formula, which is the grid the
+    U-Net takes when sampling (no `pos`), from -1 to 1 on both axes of a non-square image."""
+    args = tiny_args("--image_size", "8x16")
+    model = randomize(pd.build_model(args)).eval()
+    x, t = torch.randn(2, 3, 8, 16), torch.tensor([0.3, -0.7])
+    crops = pd.random_crops(x, 1)
+    assert torch.equal(crops[:, :3], x)
+    assert torch.allclose(crops[:, 3:], grid_formula(8, 16).expand(2, 2, 8, 16), atol=1e-6)
+    assert crops[:, 3:].amin((0, 2, 3)).tolist() == [-1, -1]
+    assert crops[:, 3:].amax((0, 2, 3)).tolist() == [1, 1]
+    assert torch.equal(model(x, t), model(x, t, pos=crops[:, 3:]))
+
+
+def test_a_larger_canvas_extrapolates_the_grid():
+    """Sampling 16x32 from a 16x16 model: the grid continues to the right, beyond 1."""
+    grid = pd.patch_coordinates(16, 32, 0, 0, 1, 16, 16)
+    assert torch.allclose(grid[0, :, :, :16], grid_formula(16, 16), atol=1e-6)
+    assert grid[0, 0, 0, -1] == pytest.approx(1 + 2 * 16 / 15)
+
+
+def test_offsets_cover_every_valid_position():
+    """2x3 crops of an 8x12 image whose channels are the row and column index: all 7 x 10 top-left
+    positions occur, and no other."""
+    rows = torch.arange(8.0)[:, None].expand(8, 12)
+    cols = torch.arange(12.0)[None].expand(8, 12)
+    image = torch.stack([rows, cols, torch.zeros(8, 12)]).expand(2000, 3, 8, 12)
+    torch.manual_seed(0)
+    crops = pd.random_crops(image, 4)
+    assert crops.shape == (2000, 5, 2, 3)
+    positions = set(zip(crops[:, 0, 0, 0].int().tolist(), crops[:, 1, 0, 0].int().tolist()))
+    assert positions == {(i, j) for i in range(7) for j in range(10)}
+
+
+@pytest.mark.parametrize("shape", [(4, 4), (8, 8), (16, 16)])
+def test_unet_runs_on_every_crop_size(shape):
+    args = tiny_args()
+    model = randomize(pd.build_model(args))
+    crops = pd.random_crops(torch.randn(3, 3, 16, 16), 16 // shape[0])
+    out = model(crops[:, :3], torch.zeros(3), pos=crops[:, 3:])
+    assert out.shape == (3, 3, *shape) and torch.isfinite(out).all()
+    assert model.input_conv.in_channels == 5
+
+
+# ------------------------------------------------------------------------------------------------
+# The size of a step and the counting in crops
+
+
+@pytest.mark.parametrize("real_p", [0.5, 0.25])
+def test_size_draw_follows_its_probabilities(real_p):
+    args = argparse.Namespace(real_p=real_p, progressive=False)
+    random.seed(0)
+    draws = [pd.draw_patch_factor(args, 0.0) for _ in range(10_000)]
+    counts = np.array([draws.count(f) for f in (4, 2, 1)])
+    expected = 10_000 * np.array([(1 - real_p) * 0.4, (1 - real_p) * 0.6, real_p])
+    assert ((counts - expected) ** 2 / expected).sum() < 13.8       # chi-square, 2 dof, 99.9 %
+
+
+def test_real_p_1_and_0():
+    random.seed(0)
+    assert {pd.draw_patch_factor(argparse.Namespace(real_p=1.0, progressive=False), 0)
+            for _ in range(200)} == {1}
+    assert {pd.draw_patch_factor(argparse.Namespace(real_p=0.0, progressive=False), 0)
+            for _ in range(200)} == {4, 2}
+
+
+def test_progressive_switches_at_20_and_50_percent_of_the_crops():
+    """--progressive at real_p 0.5 with --max_kimg 10: R/4 up to 2,000 crops, R/2 up to 5,000,
+    then R (the step fraction is far smaller here, so the crops decide)."""
+    args = argparse.Namespace(real_p=0.5, progressive=True, max_steps=10 ** 9, max_kimg=10)
+    factors = {nimg: pd.draw_patch_factor(args, pd.fraction_done(
+        argparse.Namespace(step=1, nimg=nimg), args))
+        for nimg in (0, 1999, 2000, 2001, 4999, 5000, 5001, 9999)}
+    assert factors == {0: 4, 1999: 4, 2000: 4, 2001: 2, 4999: 2, 5000: 2, 5001: 1, 9999: 1}
+
+
+@pytest.mark.parametrize("factor", [4, 2, 1])
+def test_a_step_takes_batch_times_r_over_s_crops(factor, monkeypatch):
+    """Two micro-batches of 4 x f crops of 16/f pixels; nimg counts 2 x 4 x f crops; the next
+    step reads the next micro-batches of ddpm.py's order."""
+    args = tiny_args("--accumulation_iters", "2")
+    run = pd.build_run(args, None, CPU, 0, 1)
+    shapes, ks = [], []
+    monkeypatch.setattr(pd, "draw_patch_factor", lambda args, done: factor)
+    real_step, real_indices = pd.micro_batch_step, pd.batch_indices
+    monkeypatch.setattr(pd, "micro_batch_step", lambda model, diffusion, x0, *a, **k: (
+        shapes.append(tuple(x0.shape)), real_step(model, diffusion, x0, *a, **k))[1])
+    monkeypatch.setattr(pd, "batch_indices", lambda k, *a: ks.append(k) or real_indices(k, *a))
+    for step in range(2):
+        pd.train_step(run, random_images(), None, args)
+        pd.optimizer_step(run, args)
+    assert shapes == [(4 * factor, 5, 16 // factor, 16 // factor)] * 4
+    assert run.nimg == 2 * 2 * 4 * factor and ks == list(range(4 * factor))
+
+
+def test_lr_ramp_and_decay_count_crops():
+    args = argparse.Namespace(warmup_steps=0, warmup_kimg=2, max_steps=100, max_kimg=10,
+                              lr_schedule="constant")
+    factor = [pd.lr_lambda(argparse.Namespace(step=1, nimg=n), args) for n in (0, 500, 3000)]
+    assert factor == [0.0, 0.25, 1.0]
+    args.lr_schedule = "cosine"                                     # 5 of 10 kimg: half done
+    assert pd.lr_lambda(argparse.Namespace(step=1, nimg=5000), args) == pytest.approx(0.5)
+    args.warmup_steps = 4                                           # both ramps: the slower
+    assert pd.lr_lambda(argparse.Namespace(step=0, nimg=1500), args) == pytest.approx(0.25)
+
+
+# ------------------------------------------------------------------------------------------------
+# EDM
+
+
+def test_preconditioning_against_its_formulas_and_limits():
+    sigma = torch.tensor([1e-7, 0.5, 1e5], dtype=torch.float64)
+    c_skip, c_out, c_in, c_noise = pd.edm_precondition(sigma)
+    assert c_skip[0] == pytest.approx(1.0) and c_out[0] < 1e-6        # sigma -> 0: D(x) -> x
+    assert c_skip[1] == pytest.approx(0.5) and c_out[1] == pytest.approx(0.25 / math.sqrt(0.5))
+    assert c_skip[2] < 1e-10 and c_out[2] == pytest.approx(0.5)       # sigma -> inf: D -> F/2
+    assert torch.allclose(c_in, 1 / (sigma ** 2 + 0.25).sqrt())
+    assert torch.allclose(c_noise, sigma.log() / 4)
+    weight = (sigma ** 2 + 0.25) / (sigma * 0.5) ** 2
+    assert torch.allclose(weight * c_out ** 2, torch.ones(3, dtype=torch.float64))   # EDM Eq. 8
+    x = torch.randn(2, 3, 4, 4)
+    denoised = pd.EDM().denoise(lambda x, c: 10 * torch.randn_like(x), x, 1e-7)
+    assert (denoised - x).abs().max() < 1e-4
+
+
+def test_karras_sigmas():
+    sigmas = pd.karras_sigmas(18)
+    assert sigmas.dtype == torch.float64 and len(sigmas) == 19 and sigmas[-1] == 0
+    assert sigmas[0] == pytest.approx(80.0) and sigmas[-2] == pytest.approx(0.002)
+    steps = sigmas[:-1] ** (1 / 7)                                  # evenly spaced in sigma^(1/7)
+    assert torch.allclose(steps.diff(), steps.diff()[:1].expand(17))
+    assert (sigmas.diff() < 0).all()
+
+
+def gaussian_denoiser(calls):
+    """The exact D(x; sigma) of data N(0, sigma_data^2), counting its calls."""
+    return lambda x, sigma: calls.append(1) or x * 0.25 / (sigma ** 2 + 0.25)
+
+
+def test_heun_sampler_on_gaussian_data():
+    """Data N(0, 0.5^2): the ODE's exact solution is x(0) = x_T 0.5 / sqrt(80^2 + 0.25). Heun
+    makes 2N - 1 calls and converges at second order, Euler N calls at first order; with 64
+    steps the samples have standard deviation 0.5 within 2 %, with churn too."""
+    torch.manual_seed(0)
+    latents = torch.randn(20_000, dtype=torch.float64)
+    exact = latents * 80 * 0.5 / math.sqrt(80 ** 2 + 0.25)
+    errors = {}
+    for second_order in (True, False):
+        for n in (16, 32, 64):
+            calls = []
+            out = pd.heun_sampler(gaussian_denoiser(calls), latents, pd.karras_sigmas(n),
+                                  second_order=second_order)
+            assert len(calls) == (2 * n - 1 if second_order else n)
+            errors[second_order, n] = float((out - exact).abs().max())
+    assert errors[True, 16] / errors[True, 32] > 3.5 and errors[True, 32] / errors[True, 64] > 3.5
+    assert 1.7 < errors[False, 32] / errors[False, 64] < 2.3
+    assert errors[True, 64] < 0.01 and errors[True, 64] < errors[False, 64] / 10
+    out = pd.heun_sampler(gaussian_denoiser([]), latents, pd.karras_sigmas(64))
+    assert abs(float(out.std()) - 0.5) < 0.01
+    draws = []
+    noise = (lambda: draws.append(1) or torch.randn(20_000, dtype=torch.float64))
+    out = pd.heun_sampler(gaussian_denoiser([]), latents, pd.karras_sigmas(64), S_churn=40,
+                          S_min=0.05, S_max=50, noise_fn=noise)
+    assert abs(float(out.std()) - 0.5) < 0.01
+    assert 0 < len(draws) < 64                                      # only inside [S_min, S_max]
+
+
+def test_guidance_is_on_the_denoiser():
+    """Guidance on F gives D_u + s (D_c - D_u), the original's sample_with_cfg."""
+    args = tiny_args("--class_conditional")
+    args.num_classes = 2
+    model, edm = randomize(pd.build_model(args)).eval(), pd.EDM()
+    x, y, sigma = torch.randn(2, 3, 16, 16), torch.tensor([0, 1]), torch.tensor(1.3)
+    null = torch.full_like(y, 2)
+
+    def d(labels, scale=1.0):
+        return edm.denoise(lambda z, c: pd.guided_output(model, z, c, labels, scale), x, sigma)
+    expected = d(null) + 2.5 * (d(y) - d(null))
+    assert torch.allclose(d(y, 2.5), expected, atol=1e-5)
+
+
+def plain_edm_loss(net, images, k, args):
+    """One batch of plain EDM training of a 5-channel U-Net on whole images with the full grid,
+    written out from EDM's EDMLoss and EDMPrecond (ddpm.py's batch of micro-batch k)."""
+    y, _ = pd.make_batch(images, None, pd.batch_indices(k, len(images), args.batch_size,
+                                                        args.seed), args, CPU)
+    sigma = (torch.randn(y.shape[0], 1, 1, 1) * 1.2 - 1.2).exp()
+    weight = (sigma ** 2 + 0.5 ** 2) / (sigma * 0.5) ** 2
+    x = y + torch.randn_like(y) * sigma
+    c_skip, c_out = 0.5 ** 2 / (sigma ** 2 + 0.5 ** 2), sigma * 0.5 / (sigma ** 2 + 0.5 ** 2).sqrt()
+    c_in, c_noise = 1 / (sigma ** 2 + 0.5 ** 2).sqrt(), sigma.log() / 4
+    grid = grid_formula(16, 16).expand(y.shape[0], 2, 16, 16)
+    out = pd.UNet.forward(net, torch.cat([c_in * x, grid], 1), c_noise.reshape(-1))
+    return (weight * (c_skip * x + c_out * out - y) ** 2).mean()
+
+
+def test_real_p_1_is_plain_edm_training_bitwise():
+    """Two steps at --real_p 1: the loss, the gradients, the weights and the EMA (EDM's half-life
+    rule on the images seen) are bitwise those of plain EDM training from the same seed."""
+    args = tiny_args("--real_p", "1", "--grad_clip", "0", "--lr_schedule", "constant",
+                     "--ema_halflife_kimg", "0.002", "--lr", "1e-3")
+    run = pd.build_run(args, None, CPU, 0, 1)
+    randomize(run.raw)
+    run.ema.shadow.load_state_dict(run.raw.state_dict())
+    net, shadow = copy.deepcopy(run.raw), copy.deepcopy(run.raw)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.0)
+    images = random_images()
+    for step in range(2):
+        torch.manual_seed(10 + step)
+        loss = pd.train_step(run, images, None, args)
+        torch.manual_seed(10 + step)
+        reference = plain_edm_loss(net, images, step, args)
+        reference.backward()
+        assert loss == reference.item()
+        for a, b in zip(run.raw.parameters(), net.parameters()):
+            assert torch.equal(a.grad, b.grad)
+        pd.optimizer_step(run, args)
+        optimizer.step()
+        optimizer.zero_grad()
+        halflife = min(2.0, 0.05 * 4 * step)                         # EDM: ema_rampup_ratio
+        beta = 0.5 ** (4 / max(halflife, 1e-8))
+        with torch.no_grad():
+            for s, p in zip(shadow.parameters(), net.parameters()):
+                s.lerp_(p, 1.0 - beta)
+        assert testing_utils.state_equal(run.raw.state_dict(), net.state_dict())
+        assert testing_utils.state_equal(run.ema.shadow.state_dict(), shadow.state_dict())
+    assert run.nimg == 8 and 0 < beta < 1
+
+
+def test_ddpm_formulation_at_real_p_1_is_ddpm_training_with_five_channels():
+    """--formulation ddpm: the loss and gradients of ddpm.py's GaussianDiffusion on a 5-channel
+    U-Net fed the image's grid, bitwise."""
+    args = tiny_args("--formulation", "ddpm", "--real_p", "1", "--timesteps", "50")
+    model = randomize(pd.build_model(args))
+    twin = ddpm.UNet(5, 3, 16, [1, 2], 1, [8], 1, 0.0, (16, 16), 0)
+    twin.load_state_dict(model.state_dict())
+    x0 = torch.rand(4, 3, 16, 16) * 2 - 1
+    torch.manual_seed(3)
+    ours = pd.build_diffusion(args).training_losses(model, pd.random_crops(x0, 1))[0]()
+    ours.backward()
+    grid = grid_formula(16, 16).expand(4, 2, 16, 16)
+    theirs_process = ddpm.build_diffusion(ddpm.parse_args(["--timesteps", "50"]))
+    torch.manual_seed(3)
+    theirs = theirs_process.training_losses(
+        lambda x, t, y: twin(torch.cat([x, grid], 1), t, y), x0)[0]()
+    theirs.backward()
+    assert torch.equal(ours, theirs)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a.grad, b.grad)
+
+
+# ------------------------------------------------------------------------------------------------
+# Learning
+
+
+def test_learns_two_colours_from_crops(tmp_path, capsys):
+    """Trained on flat red and blue 16x16 images, three steps in five on crops of 4 or 8 pixels
+    (--real_p 0.4), the whole-image samples are flat and red or blue, both colours: the crops'
+    coordinates let the model keep one colour across the image. An untrained model gives noise."""
+    colours = testing_utils.two_colour_folder(tmp_path / "data", size=16)
+    run = tmp_path / "run"
+    status, _, err = run_main(pd, [
+        "--dataset_path", tmp_path / "data", "--cache_dir", tmp_path / "c", "--output_dir", run,
+        "--image_size", "16", "--base_channels", "32", "--channel_mults", "1,2",
+        "--attention_resolutions", "", "--num_heads", "1", "--batch_size", "16", "--real_p",
+        "0.4", "--max_steps", "400", "--lr", "2e-3", "--warmup_steps", "20",
+        "--ema_halflife_kimg", "0.5", "--save_every", "400", "--sample_every", "400",
+        "--preview_samples", "1", "--preview_steps", "1", "--num_workers", "1"], capsys)
+    assert status == 0, err
+    samples = tmp_path / "samples"
+    status, _, err = run_main(pd, ["--sample", "--checkpoint", run / "checkpoints" / "last.pt",
+                                   "--num_samples", "16", "--sampling_steps", "12",
+                                   "--output_dir", samples], capsys)
+    assert status == 0, err
+    distance, spread = testing_utils.judge_two_colour_samples(samples, colours)
+    assert np.median(distance.min(1)) < 0.15 and (distance.min(1) < 0.2).sum() >= 12, distance
+    assert np.median(spread) < 0.05                                 # flat images, not noise
+    assert set(distance.argmin(1)) == {0, 1}
+
+
+# ------------------------------------------------------------------------------------------------
+# The command line
+
+
+def test_help_documents_the_flags(capsys):
+    text = testing_utils.help_text(pd, capsys)
+    for flag in testing_utils.SHARED_FLAGS + testing_utils.SYNOPSIS_FLAGS + [
+            "--formulation", "--real_p", "--progressive", "--max_kimg", "--warmup_kimg",
+            "--ema_halflife_kimg", "--S_churn", "--S_min", "--S_max", "--S_noise"]:
+        assert flag in text, flag
+    assert "2N - 1" in text
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return TINY + ["--cache_dir", str(tmp_path / "cache")]
+
+
+def test_train_resume_sample(tiny, tmp_path):
+    """The conventional outputs; kimg logged in crops; exact resume; samples that do not depend
+    on the batch size; a wider canvas; --sampler euler and --S_churn change the samples."""
+    a, _ = testing_utils.assert_resume_is_exact(pd, tiny, tmp_path, ["model", "ema", "optimizer",
+                                                                     "nimg", "rng"])
+    full = tmp_path / "full"
+    testing_utils.conventional_outputs(full, step=4)
+    kimg = testing_utils.scalars(full, "train/kimg")
+    assert kimg[4] == pytest.approx(a["nimg"] / 1000) and a["nimg"] >= 4 * 4
+    checkpoint = full / "checkpoints" / "last.pt"
+    testing_utils.assert_same_samples(pd, checkpoint, tmp_path, [["--batch_size", "4"],
+                                                                 ["--batch_size", "1"]])
+    wide = testing_utils.sample_images(pd, checkpoint, tmp_path / "wide", "--image_size", "16x32")
+    assert wide.shape == (2, 16, 32, 3)
+    for name, flags in {"euler": ["--sampler", "euler"], "churn": ["--S_churn", "20"]}.items():
+        testing_utils.assert_flags_change_the_samples(pd, checkpoint, tmp_path / name, flags)
+
+
+def test_max_kimg_ends_training(tiny, tmp_path):
+    """--max_kimg 0.04 at --real_p 1 and batch 4: 40 crops, 10 steps, before --max_steps."""
+    out = tmp_path / "run"
+    assert pd.main(tiny + ["--output_dir", str(out), "--real_p", "1", "--max_kimg", "0.04",
+                           "--max_steps", "50", "--sample_every", "50"]) == 0
+    ckpt = testing_utils.load(out / "checkpoints" / "last.pt")
+    assert ckpt["step"] == 10 and ckpt["nimg"] == 40
+
+
+def test_ddpm_formulation_trains_and_samples(tiny, tmp_path):
+    out = testing_utils.train_run(pd, tiny, tmp_path, "ddpm", "--formulation", "ddpm")
+    assert testing_utils.load(os.path.join(out, "checkpoints", "last.pt"))["args"]["sampler"] == \
+        "ddim"
+    images = testing_utils.sample_images(pd, os.path.join(out, "checkpoints", "last.pt"),
+                                         tmp_path / "s", "--sampler", "ddpm")
+    assert images.shape == (2, 16, 16, 3)
+
+
+def test_torchrun_ddp_counts_the_crops_of_every_rank(tiny, tmp_path):
+    """--progressive over 3 steps draws f = 4, 2, 1 on both ranks: nimg sums both ranks' crops,
+    (4 + 2 + 1) x 4 images x 2 micro-batches x 2 ranks."""
+    ckpt, _ = testing_utils.assert_torchrun_ddp_on_cpu(pd, tiny + ["--progressive"], tmp_path)
+    assert ckpt["nimg"] == 7 * 4 * 2 * 2
+
+
+@pytest.mark.parametrize("flags", [
+    ["--real_p", "1.5"],
+    ["--real_p", "-0.1"],
+    ["--image_size", "12"],
+    ["--sampler", "ddim"],
+    ["--formulation", "ddpm", "--sampler", "heun"],
+    ["--max_kimg", "-1"],
+], ids=["real_p_high", "real_p_low", "not_by_4x_factor", "ddim_with_edm", "heun_with_ddpm",
+        "max_kimg"])
+def test_bad_flags_exit_2_before_any_work(tmp_path, capsys, flags):
+    testing_utils.assert_refused_before_any_work(pd, [*TINY, *flags], tmp_path, capsys)
+
+
+def test_other_checkpoints_are_refused(tmp_path, capsys):
+    path = testing_utils.ddpm_checkpoint(tmp_path)
+    assert_user_error(pd, *run_main(pd, ["--sample", "--checkpoint", path], capsys)[::2])
+    assert_user_error(pd, *run_main(pd, [*TINY, "--resume", path, "--output_dir",
+                                         tmp_path / "r"], capsys)[::2])
