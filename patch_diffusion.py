@@ -375,8 +375,9 @@ def random_crops(x, factor):
 
 def edm_precondition(sigma, sigma_data=0.5):
     """EDM's preconditioning (Karras et al. Table 1, Sec. 5): c_skip = sigma_data^2 / (sigma^2 +
-    sigma_data^2), c_out = sigma sigma_data / sqrt(sigma^2 + sigma_data^2), c_in = 1 / sqrt(sigma^2
-    + sigma_data^2), c_noise = ln(sigma) / 4. c_skip -> 1 and c_out -> 0 as sigma -> 0: D(x) -> x."""
+    sigma_data^2), c_out = sigma sigma_data / sqrt(sigma^2 + sigma_data^2), c_in = 1 /
+    sqrt(sigma^2 + sigma_data^2), c_noise = ln(sigma) / 4. As sigma -> 0, c_skip -> 1 and c_out
+    -> 0: D(x) -> x."""
     c_skip = sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2)
     c_out = sigma * sigma_data / (sigma ** 2 + sigma_data ** 2).sqrt()
     c_in = 1 / (sigma ** 2 + sigma_data ** 2).sqrt()
@@ -1207,8 +1208,9 @@ def train_step(run, images, labels, args):
         indices = torch.cat([batch_indices(k, len(images), args.batch_size, args.seed, run.rank,
                                            run.world) for k in ks])
         x0, y = make_batch(images, labels, indices, args, run.device)
+        last = micro == args.accumulation_iters - 1
         loss += micro_batch_step(run.model, run.diffusion, random_crops(x0, f), y, args,
-                                 run.scaler, run.autocast, sync=micro == args.accumulation_iters - 1)
+                                 run.scaler, run.autocast, sync=last)
     crops = torch.tensor(args.batch_size * f * args.accumulation_iters, device=run.device)
     if run.world > 1:                                               # every rank draws its own f
         dist.all_reduce(crops)

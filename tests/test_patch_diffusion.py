@@ -323,17 +323,17 @@ def test_ddpm_formulation_at_real_p_1_is_ddpm_training_with_five_channels():
 
 
 def test_learns_two_colours_from_crops(tmp_path, capsys):
-    """Trained on flat red and blue 16x16 images, three steps in five on crops of 4 or 8 pixels
+    """Trained on flat red and blue 8x8 images, three steps in five on crops of 2 or 4 pixels
     (--real_p 0.4), the whole-image samples are flat and red or blue, both colours: the crops'
     coordinates let the model keep one colour across the image. An untrained model gives noise."""
-    colours = testing_utils.two_colour_folder(tmp_path / "data", size=16)
+    colours = testing_utils.two_colour_folder(tmp_path / "data", size=8)
     run = tmp_path / "run"
     status, _, err = run_main(pd, [
         "--dataset_path", tmp_path / "data", "--cache_dir", tmp_path / "c", "--output_dir", run,
-        "--image_size", "16", "--base_channels", "32", "--channel_mults", "1,2",
+        "--image_size", "8", "--base_channels", "32", "--channel_mults", "1",
         "--attention_resolutions", "", "--num_heads", "1", "--batch_size", "16", "--real_p",
-        "0.4", "--max_steps", "400", "--lr", "2e-3", "--warmup_steps", "20",
-        "--ema_halflife_kimg", "0.5", "--save_every", "400", "--sample_every", "400",
+        "0.4", "--max_steps", "600", "--lr", "2e-3", "--warmup_steps", "20",
+        "--ema_halflife_kimg", "0.5", "--save_every", "600", "--sample_every", "600",
         "--preview_samples", "1", "--preview_steps", "1", "--num_workers", "1"], capsys)
     assert status == 0, err
     samples = tmp_path / "samples"
