@@ -31,7 +31,8 @@ Departures from the paper and the original code
       multipliers 1,2,2,2, 4 blocks per level, attention at 16).
     - The crop multiplier is R/s at every R. The original's table {512: 1, 256: 2, 128: 4, 64: 16,
       32: 32, 16: 64} gives R/s only at R = 64 (see `draw_patch_factor`).
-    - Crops are counted exactly each step; the original adds the expected count (2 x batch).
+    - Crops are counted exactly each step; for a random draw the original adds the expected
+      count (sum of p_s x its multiplier, 1.9 x batch at real_p 0.5; its comment says 2).
     - The loss is the mean over pixels, so every crop weighs the same whatever its size; EDM sums
       the pixels of a crop, which makes a small crop count less (Adam is invariant to the rest).
     - Labels are dropped with --label_dropout (0.1, as the paper says); the released code never
@@ -46,7 +47,8 @@ Departures from the paper and the original code
 Commands
     python patch_diffusion.py                               # quick CPU run on the built-in data
     python patch_diffusion.py --dataset_path DIR --preset paper            # one GPU, CelebA-64
-    torchrun --nproc_per_node=8 patch_diffusion.py --dataset_path DIR --preset paper   # DDP
+    torchrun --nproc_per_node=8 patch_diffusion.py --dataset_path DIR --preset paper \
+        --batch_size 32                                    # 8 GPUs: 8 x 32 = the paper's 256
     python patch_diffusion.py --dataset_path DIR --real_p 1                # full-image baseline
     python patch_diffusion.py --sample --checkpoint runs/patch_diffusion/checkpoints/last.pt
     python patch_diffusion.py --sample --checkpoint CKPT --image_size 32x64   # a wider canvas
@@ -271,7 +273,7 @@ class UNet(nn.Module):
 
 def patch_coordinates(height, width, top, left, size, full_height, full_width):
     """The coordinate channels of `size` crops of height x width pixels whose top-left pixels sit
-    at (top, left) (ints, or (size,) tensors) of a full_height x full_width image (paper Sec. 3.1):
+    at (top, left) (ints, or (size,) tensors) of a full_height x full_width image (paper Sec. 3):
     channel 0 is x = (col / (W - 1) - 0.5) * 2, channel 1 is y = (row / (H - 1) - 0.5) * 2, with
     col and row counted in the full image, so [-1, 1] spans it; beyond it (a larger canvas at
     sampling) they extrapolate. The original divides both by H - 1 (square data only).
@@ -288,7 +290,7 @@ def patch_coordinates(height, width, top, left, size, full_height, full_width):
 
 class CoordinateUNet(UNet):
     """ddpm.py's U-Net on the image and its two coordinate channels: F(cat[x, pos], t, y) (paper
-    Sec. 3.1; the original's Patch_EDMPrecond concatenates them the same way, after c_in, so the
+    Sec. 3; the original's Patch_EDMPrecond concatenates them the same way, after c_in, so the
     coordinates are never scaled and never a target). It is fully convolutional, so it runs on
     crops of any size; attention is placed by level for `train_size`, the paper's nominal
     resolution: at R = 64 the "16" attention runs at 16 x 16 on whole images and at 4 x 4 on
@@ -325,7 +327,7 @@ def build_model(args):
 # Diffusion math
 # ------------------------------------------------------------------------------------------------
 
-# The crop sides of a step are the training size divided by these (paper Sec. 3.2: R/4, R/2, R).
+# The crop sides of a step are the training size divided by these (paper Sec. 3: R/4, R/2, R).
 PATCH_FACTORS = (4, 2, 1)
 
 
@@ -346,14 +348,17 @@ def draw_patch_factor(args, done):
     more images. The multiplier is R/s at every R: the original's table {512: 1, 256: 2, 128: 4,
     64: 16, 32: 32, 16: 64} (batch_mul_dict[s] // batch_mul_dict[R]) gives it only at R = 64 (at
     R = 128: 8, 4, 1; at 256: 8, 2, 1), while its kimg counts assume 4, 2, 1. Drawn from
-    patch_probabilities with Python's generator (torch's stays that of plain training), one per
-    step and per rank, as the original; --progressive instead takes the first factor whose
-    cumulative probability reaches `done`, the fraction of training done (the original's
-    curriculum: at p = 0.5, R/4 for the first 20 %, R/2 until 50 %, then R)."""
+    patch_probabilities with Python's generator (torch's stays that of plain training), each
+    rank its own, as the original, but one per optimizer step (the original draws one per
+    accumulation round). --progressive instead takes the first factor whose cumulative
+    probability reaches `done`, the fraction of the crops seen (the original's curriculum: at
+    p = 0.5, R/4 for the first 20 %, R/2 until 50 %, then R); a factor of probability 0 is never
+    taken (the original's test takes R/4 at the first step even at p = 1)."""
     probabilities = patch_probabilities(args.real_p)
     if args.progressive:
-        cumulative = list(itertools.accumulate(probabilities))
-        return next((f for f, c in zip(PATCH_FACTORS, cumulative) if done <= c), 1)
+        cumulative = itertools.accumulate(probabilities)
+        return next((f for f, c, p in zip(PATCH_FACTORS, cumulative, probabilities)
+                     if p > 0 and done <= c), 1)
     return random.choices(PATCH_FACTORS, weights=probabilities)[0]
 
 
@@ -418,6 +423,10 @@ class EDM(nn.Module):
 
         def loss():
             denoised = self.denoise(lambda x, c: model(x, c, y, pos=pos), image + noise, sigma)
+            # The mean over pixels: every step has the loss scale of a full-image step. EDM sums
+            # the pixels of each crop, so in the original an R/4 crop's loss is 1/16 of a full
+            # crop's, and since Adam normalises by a running average over steps of all sizes,
+            # its small-crop steps move the weights less (research notes' pitfall 6).
             return (weight * (denoised - image) ** 2).mean()
         return [loss]
 
@@ -1195,29 +1204,36 @@ EMA_RAMPUP = 0.05
 
 
 def train_step(run, images, labels, args):
-    """One optimizer step of Patch Diffusion (paper Sec. 3.2): one crop factor f for the step;
-    each micro-batch reads f x --batch_size images (f micro-batches of ddpm.py's order, so that
-    f = 1 reads what ddpm.py reads) and crops each at its own offset. The crops of all ranks are
-    counted in `nimg`, and with --ema_halflife_kimg the EMA decay of the step is EDM's, beta =
-    0.5 ** (crops / half-life), the half-life ramped up to EMA_RAMPUP x nimg. Returns the loss."""
-    f = draw_patch_factor(args, fraction_done(run, args))
-    first = run.nimg // (args.batch_size * run.world)               # micro-batches read so far
+    """One optimizer step of Patch Diffusion (paper Sec. 3): one crop factor f for the step,
+    each micro-batch of f x --batch_size images, each cropped at its own offset. The images come
+    from ddpm.py's order as one stream for all ranks, whose position is the crops seen (`nimg`):
+    rank r reads its accumulation_iters x f_r micro-batches after those of ranks 0..r-1, so
+    ranks that draw different sizes neither repeat nor skip images, and in one process f = 1
+    reads what ddpm.py reads. With --ema_halflife_kimg the EMA decay of the step is EDM's,
+    beta = 0.5 ** (crops / half-life), the half-life ramped up to EMA_RAMPUP x nimg. Returns
+    the loss."""
+    f = draw_patch_factor(args, run.nimg / (1000 * args.max_kimg) if args.max_kimg else 0.0)
+    factors = [f]
+    if run.world > 1:                                               # every rank draws its own f
+        factors = [torch.zeros((), dtype=torch.long, device=run.device) for _ in range(run.world)]
+        dist.all_gather(factors, torch.tensor(f, device=run.device))
+        factors = [int(g) for g in factors]
+    per_factor = args.batch_size * args.accumulation_iters          # crops per unit of f
+    first = (run.nimg + per_factor * sum(factors[:run.rank])) // args.batch_size
     loss = 0.0
     for micro in range(args.accumulation_iters):
-        ks = range(first + micro * f, first + (micro + 1) * f)
-        indices = torch.cat([batch_indices(k, len(images), args.batch_size, args.seed, run.rank,
-                                           run.world) for k in ks])
+        ks = range(first + micro * f, first + (micro + 1) * f)      # micro-batches of the stream
+        indices = torch.cat([batch_indices(k, len(images), args.batch_size, args.seed)
+                             for k in ks])
         x0, y = make_batch(images, labels, indices, args, run.device)
         last = micro == args.accumulation_iters - 1
         loss += micro_batch_step(run.model, run.diffusion, random_crops(x0, f), y, args,
                                  run.scaler, run.autocast, sync=last)
-    crops = torch.tensor(args.batch_size * f * args.accumulation_iters, device=run.device)
-    if run.world > 1:                                               # every rank draws its own f
-        dist.all_reduce(crops)
+    crops = per_factor * sum(factors)
     if args.ema_halflife_kimg:
         halflife = min(1000 * args.ema_halflife_kimg, EMA_RAMPUP * run.nimg)
-        run.ema.decay = 0.5 ** (int(crops) / max(halflife, 1e-8))
-    run.nimg += int(crops)
+        run.ema.decay = 0.5 ** (crops / max(halflife, 1e-8))
+    run.nimg += crops
     return loss
 
 
@@ -1526,7 +1542,7 @@ def build_parser():
                    help="probability of a full-size step; else R/4 (2/5) or R/2 (3/5) crops")
     g.add_argument("--progressive", action="store_true",
                    help="R/4, R/2, then R at the cumulative probabilities (20 %% and 50 %% of "
-                   "training at --real_p 0.5) instead of drawing")
+                   "--max_kimg at --real_p 0.5) instead of drawing")
     g.add_argument("--max_kimg", type=at_least(0.0, float), default=0.0,
                    help="also end after this many thousand crops (0: only --max_steps)")
     g.add_argument("--warmup_kimg", type=at_least(0.0, float), default=0.0,
@@ -1596,6 +1612,9 @@ def check_args(args):
         raise UserError(f"--image_size {ch}x{cw} is not divisible by the U-Net's downsampling "
                         f"factor {factor}")
     check_shared_args(args)
+    if args.progressive and not args.max_kimg:
+        raise UserError("--progressive switches sizes at fractions of the crops seen: give "
+                        "--max_kimg (the length of training in thousands of crops)")
     native = {"edm": ("heun", "euler"), "ddpm": ("ddim", "ddpm")}[args.formulation]
     if args.sampler == "auto":
         args.sampler = native[0]

@@ -125,6 +125,11 @@ def test_size_draw_follows_its_probabilities(real_p):
     assert ((counts - expected) ** 2 / expected).sum() < 13.8       # chi-square, 2 dof, 99.9 %
 
 
+def test_progressive_never_takes_a_size_of_probability_0():
+    args = argparse.Namespace(real_p=1.0, progressive=True)
+    assert [pd.draw_patch_factor(args, d) for d in (0.0, 0.5, 1.0)] == [1, 1, 1]
+
+
 def test_real_p_1_and_0():
     random.seed(0)
     assert {pd.draw_patch_factor(argparse.Namespace(real_p=1.0, progressive=False), 0)
@@ -133,14 +138,21 @@ def test_real_p_1_and_0():
             for _ in range(200)} == {4, 2}
 
 
-def test_progressive_switches_at_20_and_50_percent_of_the_crops():
-    """--progressive at real_p 0.5 with --max_kimg 10: R/4 up to 2,000 crops, R/2 up to 5,000,
-    then R (the step fraction is far smaller here, so the crops decide)."""
-    args = argparse.Namespace(real_p=0.5, progressive=True, max_steps=10 ** 9, max_kimg=10)
-    factors = {nimg: pd.draw_patch_factor(args, pd.fraction_done(
-        argparse.Namespace(step=1, nimg=nimg), args))
-        for nimg in (0, 1999, 2000, 2001, 4999, 5000, 5001, 9999)}
-    assert factors == {0: 4, 1999: 4, 2000: 4, 2001: 2, 4999: 2, 5000: 2, 5001: 1, 9999: 1}
+def test_progressive_switches_at_20_and_50_percent_of_the_crops(monkeypatch):
+    """--progressive at real_p 0.5: R/4 up to 20 % of --max_kimg, R/2 up to 50 %, then R; in
+    training, 100 crops at batch 4: R/4 while nimg <= 20, R/2 while nimg <= 50."""
+    args = argparse.Namespace(real_p=0.5, progressive=True)
+    factors = [pd.draw_patch_factor(args, d) for d in (0, 0.2, 0.2001, 0.5, 0.5001, 0.99)]
+    assert factors == [4, 4, 2, 2, 1, 1]
+    args = tiny_args("--progressive", "--max_kimg", "0.1")
+    run, drawn = pd.build_run(args, None, CPU, 0, 1), []
+    real = pd.random_crops
+    monkeypatch.setattr(pd, "random_crops", lambda x, f: drawn.append((run.nimg, f)) or real(x, f))
+    while not pd.finished(run, args):
+        pd.train_step(run, random_images(), None, args)
+        pd.optimizer_step(run, args)
+    assert drawn == [(0, 4), (16, 4), (32, 2), (40, 2), (48, 2), (56, 1), (60, 1), (64, 1),
+                     (68, 1), (72, 1), (76, 1), (80, 1), (84, 1), (88, 1), (92, 1), (96, 1)]
 
 
 @pytest.mark.parametrize("factor", [4, 2, 1])
@@ -160,6 +172,18 @@ def test_a_step_takes_batch_times_r_over_s_crops(factor, monkeypatch):
         pd.optimizer_step(run, args)
     assert shapes == [(4 * factor, 5, 16 // factor, 16 // factor)] * 4
     assert run.nimg == 2 * 2 * 4 * factor and ks == list(range(4 * factor))
+
+
+def test_ema_halflife_0_keeps_the_ema_decay_per_step():
+    args = tiny_args("--ema_halflife_kimg", "0", "--ema_decay", "0.9")
+    run = pd.build_run(args, None, CPU, 0, 1)
+    pd.train_step(run, random_images(), None, args)
+    assert run.ema.decay == 0.9
+    args = tiny_args("--ema_halflife_kimg", "1")
+    run = pd.build_run(args, None, CPU, 0, 1)
+    run.nimg = 100_000                                              # past the ramp-up
+    pd.train_step(run, random_images(), None, args)
+    assert run.ema.decay in [0.5 ** (4 * f / 1000) for f in pd.PATCH_FACTORS]
 
 
 def test_lr_ramp_and_decay_count_crops():
@@ -186,7 +210,7 @@ def test_preconditioning_against_its_formulas_and_limits():
     assert torch.allclose(c_in, 1 / (sigma ** 2 + 0.25).sqrt())
     assert torch.allclose(c_noise, sigma.log() / 4)
     weight = (sigma ** 2 + 0.25) / (sigma * 0.5) ** 2
-    assert torch.allclose(weight * c_out ** 2, torch.ones(3, dtype=torch.float64))   # EDM Eq. 8
+    assert torch.allclose(weight * c_out ** 2, torch.ones(3, dtype=torch.float64))   # EDM Sec. 5
     x = torch.randn(2, 3, 4, 4)
     denoised = pd.EDM().denoise(lambda x, c: 10 * torch.randn_like(x), x, 1e-7)
     assert (denoised - x).abs().max() < 1e-4
@@ -232,6 +256,20 @@ def test_heun_sampler_on_gaussian_data():
                           S_min=0.05, S_max=50, noise_fn=noise)
     assert abs(float(out.std()) - 0.5) < 0.01
     assert 0 < len(draws) < 64                                      # only inside [S_min, S_max]
+
+
+def test_s_noise_scales_the_churn_noise():
+    """S_noise = 2 with noise z is S_noise = 1 with noise 2 z."""
+    latents, z = torch.randn(100, dtype=torch.float64), torch.randn(100, dtype=torch.float64)
+    runs = [pd.heun_sampler(gaussian_denoiser([]), latents, pd.karras_sigmas(8), S_churn=10,
+                            S_noise=s_noise, noise_fn=lambda: scale * z)
+            for s_noise, scale in ((2.0, 1.0), (1.0, 2.0), (1.0, 1.0))]
+    assert torch.allclose(runs[0], runs[1]) and not torch.allclose(runs[0], runs[2])
+
+
+def test_sampler_flags_reach_the_formulation():
+    args = tiny_args("--S_churn", "30", "--S_min", "0.1", "--S_max", "20", "--S_noise", "1.01")
+    assert pd.build_diffusion(args).churn == dict(S_churn=30, S_min=0.1, S_max=20, S_noise=1.01)
 
 
 def test_guidance_is_on_the_denoiser():
@@ -401,11 +439,51 @@ def test_ddpm_formulation_trains_and_samples(tiny, tmp_path):
     assert images.shape == (2, 16, 16, 3)
 
 
+def test_sample_passes_labels_and_guidance_to_the_network():
+    """EDM sampling of a class-conditional model: guidance 3 draws other images than guidance 1,
+    and guidance 1 with labels is the plain conditional Heun sampler."""
+    args = tiny_args("--class_conditional")
+    args.num_classes = 2
+    model, edm = randomize(pd.build_model(args)).eval(), pd.EDM()
+    y, shape = torch.tensor([0, 1]), (2, 3, 16, 16)
+    plain, guided = (pd.sample(model, edm, shape, [1, 2], "heun", 3, y=y, guidance_scale=s)
+                     for s in (1.0, 3.0))
+    assert not torch.allclose(plain, guided, atol=1e-3)
+    noise = pd.per_image_noise(shape, [1, 2], CPU)
+    expected = pd.heun_sampler(lambda x, s: edm.denoise(lambda z, c: model(z, c, y), x, s),
+                               noise(), pd.karras_sigmas(3))
+    assert torch.allclose(plain, expected.clamp(-1, 1).float())
+
+
+def test_ranks_read_one_stream_in_turn(monkeypatch):
+    """Rank 0 draws f = 4 and rank 1 f = 1 (the all_gather is simulated): with 2 micro-batches,
+    rank 0 reads micro-batches 0..7 of the stream and rank 1 reads 8 and 9, and nimg counts
+    both ranks' crops; the next step starts after them."""
+    args = tiny_args("--accumulation_iters", "2")
+    reads = {}
+    for rank, own in ((0, 4), (1, 1)):
+        run = pd.build_run(args, None, CPU, 0, 1)
+        run.rank, run.world, ks = rank, 2, []
+        monkeypatch.setattr(pd, "draw_patch_factor", lambda args, done: own)
+        monkeypatch.setattr(pd.dist, "all_gather", lambda out, t: [
+            o.fill_(v) for o, v in zip(out, (4, 1))])
+        real = ddpm.batch_indices
+        monkeypatch.setattr(pd, "batch_indices", lambda k, *a: ks.append(k) or real(k, *a))
+        pd.train_step(run, random_images(), None, args)
+        reads[rank] = (ks, run.nimg)
+    assert reads[0] == (list(range(8)), 40) and reads[1] == ([8, 9], 40)
+
+
 def test_torchrun_ddp_counts_the_crops_of_every_rank(tiny, tmp_path):
-    """--progressive over 3 steps draws f = 4, 2, 1 on both ranks: nimg sums both ranks' crops,
-    (4 + 2 + 1) x 4 images x 2 micro-batches x 2 ranks."""
-    ckpt, _ = testing_utils.assert_torchrun_ddp_on_cpu(pd, tiny + ["--progressive"], tmp_path)
-    assert ckpt["nimg"] == 7 * 4 * 2 * 2
+    """Each rank draws its own sizes (Python's generator, seeded by seed + rank): nimg after 3
+    steps of 2 micro-batches of 4 images is the sum of both ranks' draws."""
+    ckpt, _ = testing_utils.assert_torchrun_ddp_on_cpu(pd, tiny, tmp_path)
+    expected = 0
+    for rank in (0, 1):
+        draws = random.Random(0 + rank)
+        expected += sum(draws.choices(pd.PATCH_FACTORS, weights=[0.2, 0.3, 0.5])[0]
+                        for _ in range(3)) * 4 * 2
+    assert ckpt["nimg"] == expected
 
 
 @pytest.mark.parametrize("flags", [
@@ -415,8 +493,9 @@ def test_torchrun_ddp_counts_the_crops_of_every_rank(tiny, tmp_path):
     ["--sampler", "ddim"],
     ["--formulation", "ddpm", "--sampler", "heun"],
     ["--max_kimg", "-1"],
+    ["--progressive"],
 ], ids=["real_p_high", "real_p_low", "not_by_4x_factor", "ddim_with_edm", "heun_with_ddpm",
-        "max_kimg"])
+        "max_kimg", "progressive_without_max_kimg"])
 def test_bad_flags_exit_2_before_any_work(tmp_path, capsys, flags):
     testing_utils.assert_refused_before_any_work(pd, [*TINY, *flags], tmp_path, capsys)
 
