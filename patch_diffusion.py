@@ -33,8 +33,10 @@ Departures from the paper and the original code
       32: 32, 16: 64} gives R/s only at R = 64 (see `draw_patch_factor`).
     - Crops are counted exactly each step; for a random draw the original adds the expected
       count (sum of p_s x its multiplier, 1.9 x batch at real_p 0.5; its comment says 2).
-    - The loss is the mean over pixels, so every crop weighs the same whatever its size; EDM sums
-      the pixels of a crop, which makes a small crop count less (Adam is invariant to the rest).
+    - The loss is the mean over pixels, so every step has the loss scale of a full-image step;
+      EDM sums the pixels of a crop, so the original's small-crop steps move the weights less.
+    - One size per optimizer step (the original: per accumulation round); the ranks read one
+      stream of images in turn, so ranks of different sizes neither repeat nor skip images.
     - Labels are dropped with --label_dropout (0.1, as the paper says); the released code never
       sets it, so its guidance uses a null label that was never trained.
     - The coordinates are normalised per axis, so non-square images work (the original divides

@@ -1,6 +1,7 @@
-"""bench/bench_methods.py, bench/bench_kernels.py and bench/compare_peer.py run end to end, the
-kernels' targets are judged correctly, and compare_peer's metrics are right (no timing is
-asserted: speed lives in bench/)."""
+"""bench/bench_methods.py, bench/bench_kernels.py, bench/compare_peer.py and
+bench/patch_diffusion_claims.py run end to end, the kernels' targets are judged correctly, and
+compare_peer's and patch_diffusion_claims' metrics are right (no timing is asserted: speed lives
+in bench/)."""
 
 import os
 import subprocess
@@ -8,12 +9,15 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "bench"))
 import bench_kernels  # noqa: E402
 import bench_methods  # noqa: E402
 import compare_peer  # noqa: E402
+import patch_diffusion_claims  # noqa: E402
+import patch_diffusion as pd  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -206,3 +210,52 @@ def test_compare_peer_ddpm_rows_run_end_to_end(tmp_path):
                 "| real images (drawn) |", "| uniform noise |"):
         assert row in table
     assert (tmp_path / "table_v.png").exists()
+
+
+PD_TINY = ["--image_size", "16", "--batch_size", "2", "--flags", "--base_channels", "16",
+           "--channel_mults", "1,2", "--attention_resolutions", "", "--num_heads", "1"]
+
+
+def test_patch_diffusion_claims_run_end_to_end(tmp_path):
+    """The speed table has the three --real_p rows and the three crop sizes; the quality run
+    (a few seconds per --real_p, on 8 landscapes) writes its table, curve and grids."""
+    speed = tmp_path / "speed.md"
+    assert patch_diffusion_claims.main(["speed", "--steps", "2", "--warmup", "0", "--out",
+                                        str(speed), *PD_TINY]) == 0
+    text = speed.read_text()
+    for row in ("| 1.0 |", "| 0.5 |", "| 0.25 |", "R/4 (4x4)", "R/2 (8x8)", "R/1 (16x16)"):
+        assert row in text, row
+    quality = tmp_path / "quality.md"
+    assert patch_diffusion_claims.main(["quality", "--minutes", "0.02", "--every", "0.01",
+                                        "--limit", "8", "--held_out", "4", "--out",
+                                        str(quality), *PD_TINY]) == 0
+    text = quality.read_text()
+    assert text.count("| 1.0 | ") == 1 and text.count("| 0.5 | ") == 1 and "| 0.01 |" in text
+    for name in ("real_p_1.0", "real_p_0.5", "side_by_side"):
+        assert (tmp_path / f"quality_{name}.png").is_file()
+
+
+def test_held_out_edm_loss_of_known_denoisers():
+    """Images that are all one constant c: D(x; sigma) = c is the best denoiser, loss 0; the
+    untrained U-Net (F = 0) gives D = c_skip (c + sigma n), whose loss at each sigma is
+    lambda ((c_skip - 1)^2 c^2 + c_skip^2 sigma^2) in expectation over n."""
+    c, images = 0.3, torch.full((16, 3, 16, 16), 0.3)
+
+    class Exact(torch.nn.Module):
+        def forward(self, z, c_noise):                              # z = c_in x
+            sigma = (4 * c_noise).exp()[:, None, None, None]
+            c_skip, c_out, c_in, _ = pd.edm_precondition(sigma)
+            return (c - c_skip * z / c_in) / c_out                  # F such that D = c
+
+    per_sigma, training = patch_diffusion_claims.edm_losses(Exact(), images, 0)
+    assert max(per_sigma) < 1e-6 and training < 1e-6
+    class Zero(torch.nn.Module):
+        def forward(self, z, c_noise):
+            return torch.zeros_like(z)
+
+    per_sigma, _ = patch_diffusion_claims.edm_losses(Zero(), images, 0)
+    for sigma, loss in zip(patch_diffusion_claims.SIGMAS, per_sigma):
+        c_skip = 0.25 / (sigma ** 2 + 0.25)
+        weight = (sigma ** 2 + 0.25) / (sigma * 0.5) ** 2
+        expected = weight * ((c_skip - 1) ** 2 * c ** 2 + c_skip ** 2 * sigma ** 2)
+        assert loss == pytest.approx(expected, rel=0.05), sigma
