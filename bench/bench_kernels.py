@@ -92,12 +92,13 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def bench_ms(fn):
     """Milliseconds per call: triton's do_bench on a GPU (L2 flushed between calls, median of
-    100 ms of calls); on a CPU (--smoke, interpreted kernels) one timed call after a warm-up."""
+    100 ms of calls); on a CPU (--smoke, interpreted kernels) one call, timed with whatever
+    compilation it does: there the times mean nothing, and a warm-up call would double the
+    interpreter's minutes."""
     if DEVICE == "cuda":
         from triton.testing import do_bench
 
         return do_bench(fn, warmup=25, rep=100)
-    fn()
     start = time.perf_counter()
     fn()
     return (time.perf_counter() - start) * 1e3
