@@ -43,6 +43,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80, 90")
+    p.add_argument("--dtypes", nargs="+", choices=list(TRITON_TYPES.values()),
+                   default=list(TRITON_TYPES.values()),
+                   help="input dtypes to compile for (fp16 and bf16 share their launch "
+                   "configurations; fp32 has its own)")
     p.add_argument("--out", help="also write the table to this markdown file")
     return p.parse_args(argv)
 
@@ -155,7 +159,7 @@ def main(argv=None):
     target = GPUTarget("cuda", args.arch, 32)
     header = ["kernel", "dtype", "shape", "launch", "registers", "stack B", "local B"]
     rows, names = [], set()
-    for dtype in TRITON_TYPES:
+    for dtype in [d for d, name in TRITON_TYPES.items() if name in args.dtypes]:
         for cpg, length in GROUP_NORM_SHAPES:
             for label, config, kernel in group_norm_kernels(dtype, cpg, length, target):
                 rows.append([label, TRITON_TYPES[dtype], f"C/G {cpg}, L {length}", config,

@@ -220,7 +220,7 @@ def test_patch_diffusion_claims_run_end_to_end(tmp_path):
     """The speed table has the three --real_p rows and the three crop sizes; the quality run
     (a few seconds per --real_p, on 8 landscapes) writes its table, curve and grids."""
     speed = tmp_path / "speed.md"
-    assert patch_diffusion_claims.main(["speed", "--steps", "2", "--warmup", "0", "--out",
+    assert patch_diffusion_claims.main(["speed", "--steps", "1", "--warmup", "0", "--out",
                                         str(speed), *PD_TINY]) == 0
     text = speed.read_text()
     for row in ("| 1.0 |", "| 0.5 |", "| 0.25 |", "R/4 (4x4)", "R/2 (8x8)", "R/1 (16x16)"):

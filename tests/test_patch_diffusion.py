@@ -370,8 +370,8 @@ def test_learns_two_colours_from_crops(tmp_path, capsys):
         "--dataset_path", tmp_path / "data", "--cache_dir", tmp_path / "c", "--output_dir", run,
         "--image_size", "8", "--base_channels", "32", "--channel_mults", "1",
         "--attention_resolutions", "", "--num_heads", "1", "--batch_size", "16", "--real_p",
-        "0.4", "--max_steps", "600", "--lr", "2e-3", "--warmup_steps", "20",
-        "--ema_halflife_kimg", "0.5", "--save_every", "600", "--sample_every", "600",
+        "0.4", "--max_steps", "500", "--lr", "2e-3", "--warmup_steps", "20",
+        "--ema_halflife_kimg", "0.5", "--save_every", "500", "--sample_every", "500",
         "--preview_samples", "1", "--preview_steps", "1", "--num_workers", "1"], capsys)
     assert status == 0, err
     samples = tmp_path / "samples"
