@@ -1598,6 +1598,11 @@ def check_shared_args(args):
     return args
 
 
+# ddpm.py's flags of the diffusion process, which only --formulation ddpm uses.
+DDPM_ONLY = ("schedule", "zero_terminal_snr", "timesteps", "prediction", "min_snr_gamma", "loss",
+             "variance", "eta")
+
+
 def check_args(args):
     """ddpm.py's checks on the training size (the U-Net is built for it; with --sample it comes
     from the checkpoint and --image_size is the canvas), then this method's."""
@@ -1617,6 +1622,11 @@ def check_args(args):
     if args.progressive and not args.max_kimg:
         raise UserError("--progressive switches sizes at fractions of the crops seen: give "
                         "--max_kimg (the length of training in thousands of crops)")
+    defaults = build_parser()
+    ddpm_only = [k for k in DDPM_ONLY if getattr(args, k) != defaults.get_default(k)]
+    if args.formulation == "edm" and ddpm_only:
+        raise UserError(f"--{ddpm_only[0]} is a flag of ddpm.py's process: it applies with "
+                        f"--formulation ddpm (EDM has its own noise levels and loss)")
     native = {"edm": ("heun", "euler"), "ddpm": ("ddim", "ddpm")}[args.formulation]
     if args.sampler == "auto":
         args.sampler = native[0]

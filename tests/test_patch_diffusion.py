@@ -494,8 +494,10 @@ def test_torchrun_ddp_counts_the_crops_of_every_rank(tiny, tmp_path):
     ["--formulation", "ddpm", "--sampler", "heun"],
     ["--max_kimg", "-1"],
     ["--progressive"],
+    ["--schedule", "linear"],
+    ["--eta", "0.5"],
 ], ids=["real_p_high", "real_p_low", "not_by_4x_factor", "ddim_with_edm", "heun_with_ddpm",
-        "max_kimg", "progressive_without_max_kimg"])
+        "max_kimg", "progressive_without_max_kimg", "schedule_with_edm", "eta_with_edm"])
 def test_bad_flags_exit_2_before_any_work(tmp_path, capsys, flags):
     testing_utils.assert_refused_before_any_work(pd, [*TINY, *flags], tmp_path, capsys)
 
