@@ -403,9 +403,10 @@ def tiny(tmp_path):
     return TINY + ["--cache_dir", str(tmp_path / "cache")]
 
 
-def test_train_resume_sample(tiny, tmp_path):
+def test_train_resume_sample(tiny, tmp_path, capsys):
     """The conventional outputs; kimg logged in crops; exact resume; samples that do not depend
-    on the batch size; a wider canvas; --sampler euler and --S_churn change the samples."""
+    on the batch size; a wider canvas, and one the U-Net cannot take (exit 2); --sampler euler
+    and --S_churn change the samples."""
     a, _ = testing_utils.assert_resume_is_exact(pd, tiny, tmp_path, ["model", "ema", "optimizer",
                                                                      "nimg", "rng"])
     full = tmp_path / "full"
@@ -417,6 +418,8 @@ def test_train_resume_sample(tiny, tmp_path):
                                                                  ["--batch_size", "1"]])
     wide = testing_utils.sample_images(pd, checkpoint, tmp_path / "wide", "--image_size", "16x32")
     assert wide.shape == (2, 16, 32, 3)
+    assert_user_error(pd, *run_main(pd, ["--sample", "--checkpoint", checkpoint, "--image_size",
+                                         "17x32", "--output_dir", tmp_path / "odd"], capsys)[::2])
     for name, flags in {"euler": ["--sampler", "euler"], "churn": ["--S_churn", "20"]}.items():
         testing_utils.assert_flags_change_the_samples(pd, checkpoint, tmp_path / name, flags)
 
