@@ -1180,8 +1180,8 @@ class Progress:
         line = f"loss {scalars['loss']:.4f} lr {lr:.2e} {ips:.1f} img/s"
         self.bar.set_postfix_str(line)
         if self.bar.disable:
-            eta = self.seconds / self.steps * (a.max_steps - run.step) / 60
-            print(f"step {run.step}/{a.max_steps} {line} ETA {eta:.1f} min", flush=True)
+            eta = self.seconds / self.steps * (self.bar.total - run.step) / 60
+            print(f"step {run.step}/{self.bar.total} {line} ETA {eta:.1f} min", flush=True)
         self.steps, self.loss, self.seconds = 0, 0.0, 0.0
 
     def preview(self, run):

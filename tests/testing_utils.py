@@ -330,8 +330,9 @@ def weights_hash(state_dict, model):
     return hashlib.sha256(b"".join(state_dict[n].numpy().tobytes() for n in names)).hexdigest()
 
 
-def assert_torchrun_ddp_on_cpu(script, tiny, tmp_path):
-    """3 steps of `tiny` with gradient accumulation in 2 processes (torchrun, gloo), after
+def assert_torchrun_ddp_on_cpu(script, tiny, tmp_path, *overrides):
+    """3 steps of `tiny` (then `overrides`, which may split the 3 steps otherwise) with gradient
+    accumulation in 2 processes (torchrun, gloo), after
     checking that the run succeeds, that only rank 0 logs, and that both ranks end with the same
     weights. `--standalone` lets torchrun pick a free port: a fixed one makes two test sessions
     on one machine wait for each other's rendezvous until the timeout. Returns the last
@@ -345,7 +346,7 @@ def assert_torchrun_ddp_on_cpu(script, tiny, tmp_path):
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          str(probe)] + [str(a) for a in tiny] +
         ["--output_dir", str(out), "--max_steps", "3", "--save_every", "3", "--sample_every",
-         "3", "--accumulation_iters", "2"],
+         "3", "--accumulation_iters", "2", *overrides],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     ckpt = load(out / "checkpoints" / "last.pt")
