@@ -33,7 +33,8 @@ What this file adds over ddpm.py
 
 Departures from the paper and the original code
     - The semantic codes start from the principal components of 16-pixel thumbnails of the
-      training images, not from CLIP image features (a download): see `thumbnail_codes`.
+      training images (not whitened, scaled to a norm of sqrt(512)), not from CLIP image
+      features (a download): see `thumbnail_codes`.
     - Each image of a batch draws its own 2 x 2 block; the original draws one for the whole
       batch, so that all images of a step train the same grid position (`draw_blocks`).
     - Sampling uses the EMA weights of the U-Net, its code table and the latent model; the
@@ -42,11 +43,17 @@ Departures from the paper and the original code
       image in one batch, so its memory grows with the pixels (`denoise_step`).
     - The latent model learns codes normalised per dimension by the table's mean and standard
       deviation (DiffAE's latent_znormalize, which the original turns off), and learns the EMA
-      table that the EMA U-Net was averaged with (the original: the raw table).
+      table that the EMA U-Net was averaged with (the original: the raw table). Its last layer
+      starts as eps_theta(z_t) = z_t, right at high noise, so that a short run learns it
+      (DiffAE's starts at random); like DiffAE's, it takes the input code again.
     - x_t is made for the 2 x 2 block only, not for the whole padded image.
-    - The U-Net is ddpm.py's (ADM-style), which the original's DiffAE U-Net also is: the paper
-      preset takes its configuration (base 64, multipliers 1,2,4,8, 2 encoder and 3 decoder
-      ResBlocks per level, attention at 16, one head).
+    - The quick preset predicts v on the cosine schedule (ddpm.py's quick choice); the paper
+      preset has the paper's eps and linear schedule (`build_parser` says why).
+    - The U-Net is ddpm.py's (ADM-style), as the original's DiffAE U-Net is, but it samples
+      down by a strided convolution and up by nearest neighbours and a convolution, where the
+      original uses ResBlocks (which there also take the code). The paper preset takes its
+      configuration (base 64, multipliers 1,2,4,8, 2 encoder and 3 decoder ResBlocks per level,
+      attention at 16, one head).
     - Not implemented: the trainable semantic encoder of the 256 x 256 configurations (the
       original's --semantic_enc); the nature, LHQ and FFHQ-1024 setting is the code table.
 
@@ -61,15 +68,16 @@ Commands
 The method's own code
     CodeResBlock, CodeUNet: ddpm.py's ResBlock and U-Net with the semantic code in every block
     pad_to_grid, split_patches, merge_patches, feature_collage: the geometry of the two grids
-    PatchUNet: position embedding, encoder on padded-grid patches, collage, decoder
+    chunked, PatchUNet: position embedding, encoder on padded-grid patches, collage, decoder
     LatentMLP, PatchDM, unet_input_size, build_model: the latent model; both networks
     draw_blocks, PatchDiffusion, build_diffusion: the training step's blocks and two-term loss
     latent_diffusion, code_statistics: the diffusion over codes
     tiles, guided_noise, denoise_step, sample: DDIM on the padded grid in bounded windows
-    sample_codes, generate, seam_score: codes from the latent model; images; seam metric
-    thumbnail_codes, load_dataset, build_run: the code table, initialised offline
-    PhaseEMA, lr_lambda, start_latent_phase, train_step, finished, Progress: two phases
-    PRESETS, build_parser, check_args, dry_run, sample_main: this method's flags and checks
+    sample_codes, generate, seam_score: codes from the latent model; images; the seam metric
+    check_labels, sample_main: --sample with guidance, a training image's code, any size
+    load_dataset, thumbnail_codes, build_run: the code table, sized by the data and initialised
+    PhaseEMA, lr_lambda, start_latent_phase, train_step, finished, Progress: the two phases
+    PRESETS, build_parser, REFUSED, check_args, dry_run: this method's flags and checks
 """
 
 import argparse
@@ -318,7 +326,7 @@ def merge_patches(patches, N, M):
     """The inverse of split_patches. (B N M, C, p, q) -> (B, C, N p, M q)."""
     _, c, p, q = patches.shape
     x = patches.reshape(-1, N, M, c, p, q).permute(0, 3, 1, 4, 2, 5)   # (B, C, N, p, M, q)
-    return x.reshape(-1, c, N * p, M * q)
+    return x.reshape(-1, c, N * p, M * q)                          # (B, C, N p, M q)
 
 
 def feature_collage(h, grid_rows, grid_cols):
@@ -329,8 +337,8 @@ def feature_collage(h, grid_rows, grid_cols):
     half a patch in the image. (B R Q, C, s, s) -> (B (R - 1)(Q - 1), C, s, s)."""
     s = h.shape[-1]
     full = merge_patches(h, grid_rows, grid_cols)                   # (B, C, R s, Q s)
-    return split_patches(full[..., s // 2:full.shape[-2] - s // 2, s // 2:full.shape[-1] - s // 2],
-                         s)
+    inner = full[..., s // 2:full.shape[-2] - s // 2, s // 2:full.shape[-1] - s // 2]
+    return split_patches(inner, s)             # (B, C, (R - 1) s, (Q - 1) s) -> (B (R-1)(Q-1), ...)
 
 
 def chunked(fn, size, *inputs):
@@ -351,7 +359,9 @@ class PatchUNet(CodeUNet):
     its padded-grid row and column, index + 0.5 in the decoder (the image-grid patches lie
     between them), and z its image's code from the table `codes`. Every operation but the
     collage acts on one patch (the convolutions zero-pad each patch, the group norms and the
-    attention see one), so any split of the patches into batches gives the same result."""
+    attention see one), so any split of the patches into batches gives the same result. The
+    table trains with the network under one AdamW, as in the original, whose moments keep
+    moving a code for some steps after its image has left the batch."""
 
     def __init__(self, base_channels, channel_mults, num_res_blocks, attention_resolutions,
                  num_heads, dropout, patch_size, num_images, collage=True):
@@ -643,9 +653,10 @@ class GaussianDiffusion(nn.Module):
 
 def draw_blocks(batch, rows, cols, device):
     """The 2 x 2 block of padded-grid patches each image trains on: its first patch's row in
-    0..N-1 and column in 0..M-1, uniform and drawn per image. The original draws one block for
-    the whole batch, so that all images of a step train one grid position and the gradient of
-    a step covers a single place in the image."""
+    0..N-1 and column in 0..M-1, uniform and drawn per image, so that a step's gradient covers
+    as many places in the image as it has images: a lower-variance estimate of the loss over all
+    blocks. The original draws one block for the whole batch: every image of a step trains the
+    same grid position."""
     return (torch.randint(0, rows, (batch,), device=device),
             torch.randint(0, cols, (batch,), device=device))
 
@@ -675,6 +686,7 @@ class PatchDiffusion(GaussianDiffusion):
         padded = pad_to_grid(torch.cat([x0, torch.ones_like(x0[:, :1])], dim=1), p)
         block = torch.stack([padded[i, :, r * p:(r + 2) * p, c * p:(c + 2) * p]
                              for i, (r, c) in enumerate(zip(top.tolist(), left.tolist()))])
+        # (B, 4, (N + 1) p, (M + 1) p) -> (B, 4, 2p, 2p): image and inside-mask channels
         x0, inside = block[:, :3], block[:, 3:]                     # (B, 3, 2p, 2p), (B, 1, 2p, 2p)
         t = torch.randint(0, self.num_timesteps, (b,), device=x0.device)
         noise = torch.randn_like(x0)
@@ -831,12 +843,14 @@ def sample_codes(latent, table, seeds, steps=50):
 
 def generate(model, diffusion, args, num, steps, seed, trajectory=None, progress=False):
     """`num` images in batches of --batch_size, image i with noise seed (seed, i), at
-    --image_size with --sample and at --preview_size in training. Codes: training image
+    --image_size with --sample and at --preview_size in training (default: 4 times as wide as
+    the training images). Codes: training image
     --code_from's, else new ones from the latent model once it is trained, else the training
     images' in turn (image i takes code i mod N). -> uint8 (num, 3, H, W). Patch-DM samples
     with the EMA weights here: the original's test_step takes the raw ones for both networks."""
     device, images = next(model.parameters()).device, []
-    size = args.image_size if args.sample else args.preview_size or args.train_size
+    h, w = args.train_size
+    size = args.image_size if args.sample else args.preview_size or [h, 4 * w]
     table = model.unet.codes.weight
     for start in tqdm(range(0, num, args.batch_size), "batches", disable=not progress):
         index = torch.arange(start, min(start + args.batch_size, num))
@@ -1616,9 +1630,10 @@ PRESETS = {
                   channel_mults="1,2,4,8", num_res_blocks=2, attention_resolutions="16",
                   num_heads=1, dropout=0.1, batch_size=96, lr=1e-4, lr_schedule="constant",
                   warmup_steps=0, grad_clip=1.0, ema_decay=0.9999, ema_start=0,
-                  precision="fp16", max_steps=1_000_000, latent_steps=117_000,
-                  latent_batch_size=512, latent_width=2048, latent_layers=10,
-                  preview_size="512x1024", save_every=10_000, sample_every=10_000),
+                  precision="fp16", schedule="linear", prediction="eps", max_steps=1_000_000,
+                  latent_steps=117_000, latent_batch_size=512, latent_lr=1e-4,
+                  latent_width=2048, latent_layers=10, preview_size="512x1024",
+                  save_every=10_000, sample_every=10_000),
 }
 
 
@@ -1756,14 +1771,16 @@ def build_shared_parser():
 
 def build_parser():
     """ddpm.py's flags with this method's defaults (the quick preset: the built-in landscapes at
-    32 x 64 in 16 x 16 patches, eps and the linear schedule as the paper, previews 4 times
-    wider than the training images) and its own flags."""
+    32 x 64 in 16 x 16 patches, previews 4 times wider than the training images; ddpm.py's v
+    prediction and cosine schedule, with which short runs converge: a quick run with the paper's
+    eps and linear schedule leaves whole patches in noise, as ddpm.py's eps preset leaves whole
+    images, bench/results/ablation_digits_800.md) and its own flags."""
     p = build_shared_parser()
     p.set_defaults(image_size="32x64", base_channels=32, channel_mults="1,2", num_heads=4,
-                   attention_resolutions="8", schedule="linear", prediction="eps", hflip=False,
+                   attention_resolutions="8", hflip=False,
                    procedural_size=512, batch_size=32, max_steps=1000, lr=1e-3, ema_start=100,
-                   save_every=500, sample_every=500, preview_samples=4, preview_size="32x256",
-                   train_size=None, num_images=0)
+                   save_every=500, sample_every=500, preview_samples=4, train_size=None,
+                   num_images=0)
     g = functools.partial(add_flag, p, {}, "Patch-DM (Ding et al. 2024)")
     pos, nonneg = at_least(1), at_least(0)
     g("patch_size", 16, "p: the U-Net's input; image sizes are multiples of it", type=pos)
@@ -1774,8 +1791,8 @@ def build_parser():
       type=nonneg)
     g("code_from", None, "sample with this training image's code (default: the latent model's)",
       type=nonneg)
-    g("preview_size", None, "size of the preview images, N or HxW (default: --image_size)",
-      type=image_size)
+    g("preview_size", None, "size of the preview images, N or HxW (default: the training height "
+      "and 4 times its width)", type=image_size)
     g("latent_steps", 1000, "steps of the latent model after --max_steps (0: none)", type=nonneg)
     g("latent_batch_size", 64, "codes per latent micro-batch and process", type=pos)
     g("latent_lr", 1e-3, "AdamW learning rate of the latent model", type=at_least(0.0, float))

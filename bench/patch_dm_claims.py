@@ -97,7 +97,7 @@ def one(opts):
 
 
 def memory(opts, argv):
-    rows, p = [], 64
+    rows, p = [], pdm.parse_args(PAPER_NET + opts.flags).patch_size
     for size in opts.sizes:
         for k in (opts.patch_batch, 0):
             command = [sys.executable, os.path.abspath(__file__), "_one", "--size", str(size),
@@ -108,8 +108,9 @@ def memory(opts, argv):
             rows.append((size, k, lines[-1] if lines else {"error": result.stderr[-200:]}))
             print(size, k, rows[-1][2], flush=True)
     out = header("patch_dm.py: sampling memory and time against the image size", argv) + [
-        f"One DDIM step ({opts.steps} of the respaced process) of one image, the paper preset's "
-        f"U-Net (p = {p}, untrained). Memory: above the start of sampling.", "",
+        f"{opts.steps} DDIM step(s) of one image, the paper preset's U-Net (untrained)"
+        + (f" with {' '.join(opts.flags)}" if opts.flags else "") + f", p = {p}. Memory: above "
+        f"the start of sampling.", "",
         "| size | patches (padded grid) | --patch_batch | peak memory | time | time per "
         "megapixel |", "| --- | --- | --- | --- | --- | --- |"]
     for size, k, r in rows:

@@ -1,5 +1,5 @@
 """bench/bench_methods.py, bench/bench_kernels.py, bench/compare_peer.py and
-bench/patch_diffusion_claims.py run end to end, the kernels' targets are judged correctly, and
+bench/patch_diffusion_claims.py and bench/patch_dm_claims.py run end to end, the kernels' targets are judged correctly, and
 compare_peer's and patch_diffusion_claims' metrics are right (no timing is asserted: speed lives
 in bench/)."""
 
@@ -17,7 +17,9 @@ import bench_kernels  # noqa: E402
 import bench_methods  # noqa: E402
 import compare_peer  # noqa: E402
 import patch_diffusion_claims  # noqa: E402
+import patch_dm_claims  # noqa: E402
 import patch_diffusion as pd  # noqa: E402
+import patch_dm  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -233,6 +235,33 @@ def test_patch_diffusion_claims_run_end_to_end(tmp_path):
     assert text.count("| 1.0 | ") == 1 and text.count("| 0.5 | ") == 1 and "| 0.01 |" in text
     for name in ("real_p_1.0", "real_p_0.5", "side_by_side"):
         assert (tmp_path / f"quality_{name}.png").is_file()
+
+
+def test_patch_dm_claims_run_end_to_end(tmp_path):
+    """The memory table measures each size with K and with 0 in its own process; the seams table
+    scores a checkpoint's samples and the rendered landscapes, and writes the figure panels."""
+    memory = tmp_path / "memory.md"
+    assert patch_dm_claims.main(["memory", "--sizes", "32", "--patch_batch", "1", "--out",
+                                 str(memory), "--flags", "--patch_size", "16", "--base_channels",
+                                 "8", "--channel_mults", "1,2", "--attention_resolutions", "8",
+                                 "--num_heads", "1"]) == 0
+    rows = [line for line in memory.read_text().splitlines() if line.startswith("| 32 |")]
+    assert len(rows) == 2 and all("MiB" in row for row in rows), rows
+    run = tmp_path / "run"
+    assert patch_dm.main(["--image_size", "16x32", "--patch_size", "8", "--base_channels", "8",
+                          "--channel_mults", "1,2", "--attention_resolutions", "4",
+                          "--num_heads", "1", "--batch_size", "2", "--procedural_size", "4",
+                          "--max_steps", "1", "--latent_steps", "1", "--latent_width", "16",
+                          "--latent_layers", "2", "--preview_samples", "1", "--preview_steps",
+                          "1", "--output_dir", str(run), "--cache_dir",
+                          str(tmp_path / "cache")]) == 0
+    seams = tmp_path / "seams.md"
+    assert patch_dm_claims.main(["seams", "--checkpoints", str(run / "checkpoints" / "last.pt"),
+                                 "--image_size", "16x64", "--num_samples", "2",
+                                 "--sampling_steps", "2", "--out", str(seams)]) == 0
+    text = seams.read_text()
+    assert "| collage:" in text and "| built-in landscapes" in text
+    assert (tmp_path / "seams_0.png").is_file() and (tmp_path / "seams_1.png").is_file()
 
 
 def test_held_out_edm_loss_of_known_denoisers():
