@@ -908,19 +908,26 @@ def sample_main(args, ckpt):
     trajectory = [] if args.save_gif else None
     images = generate(model.to(device).eval(), build_diffusion(args).to(device), args,
                       args.num_samples, args.sampling_steps, args.seed, trajectory, progress=True)
-    os.makedirs(args.output_dir, exist_ok=True)
+    write_samples(images, trajectory, args.output_dir)
+    return 0
+
+
+# Copied from ddpm.write_samples
+def write_samples(images, trajectory, output_dir):
+    """uint8 (N, 3, H, W) -> 00000.png, ... and grid.png, and the trajectory (if any) as
+    trajectory.gif, in `output_dir`; every file written to a temporary name, then renamed."""
+    os.makedirs(output_dir, exist_ok=True)
     for i, image in enumerate(images):
-        save_png(image.numpy().transpose(1, 2, 0), os.path.join(args.output_dir, f"{i:05d}.png"))
-    save_png(make_grid(images), os.path.join(args.output_dir, "grid.png"))
+        save_png(image.numpy().transpose(1, 2, 0), os.path.join(output_dir, f"{i:05d}.png"))
+    save_png(make_grid(images), os.path.join(output_dir, "grid.png"))
     if trajectory:
         frames = [Image.fromarray(make_grid(to_uint8(x)))           # the final image held 10x
                   for x in trajectory + trajectory[-1:] * 10]
-        path = os.path.join(args.output_dir, "trajectory.gif")
+        path = os.path.join(output_dir, "trajectory.gif")
         frames[0].save(f"{path}.tmp.gif", save_all=True, append_images=frames[1:], duration=60,
                        loop=0)
         os.replace(f"{path}.tmp.gif", path)
-    print(f"wrote {len(images)} samples and grid.png to {args.output_dir}")
-    return 0
+    print(f"wrote {len(images)} samples and grid.png to {output_dir}")
 
 
 # ------------------------------------------------------------------------------------------------
