@@ -29,9 +29,7 @@ are minutes long, and FID needs thousands of samples and a trained network to me
 """
 
 import argparse
-import datetime
 import os
-import platform
 import random
 import statistics
 import sys
@@ -44,22 +42,13 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import patch_diffusion as pd  # noqa: E402
+import report  # noqa: E402
 
 SIGMAS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
 
 
 def header(title, argv):
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "not installed"
-    device = (torch.cuda.get_device_name() if torch.cuda.is_available()
-              else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
-    return [f"# {title}", "", "    python bench/patch_diffusion_claims.py " + " ".join(argv), "",
-            f"- Date: {datetime.date.today()}; device: {device}; torch {torch.__version__}, "
-            f"triton {triton_version}; load average at the start: "
-            f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}.", ""]
+    return report.header(title, "patch_diffusion_claims.py", argv)
 
 
 def script_args(flags, output_dir):
@@ -295,11 +284,7 @@ def main(argv=None):
                  "quality": "patch_diffusion.py: quality at equal wall-clock"}[opts.what]
         lines = header(title, argv) + (speed if opts.what == "speed" else quality)(
             opts, device, tmp)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if opts.out:
-        with open(opts.out, "w") as f:
-            f.write(text)
+    report.emit("\n".join(lines) + "\n", opts.out)
     return 0
 
 

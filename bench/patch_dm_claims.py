@@ -22,10 +22,8 @@ CPU numbers mean something only on an otherwise idle machine.
 """
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -37,23 +35,14 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import patch_dm as pdm  # noqa: E402
+import report  # noqa: E402
 
 # The network of the memory rows: the paper preset's U-Net.
 PAPER_NET = ["--preset", "paper", "--image_size", "64"]
 
 
 def header(title, argv):
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "not installed"
-    device = (torch.cuda.get_device_name() if torch.cuda.is_available()
-              else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
-    return [f"# {title}", "", "    python bench/patch_dm_claims.py " + " ".join(argv), "",
-            f"- Date: {datetime.date.today()}; device: {device}; torch {torch.__version__}, "
-            f"triton {triton_version}; load average at the start: "
-            f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}.", ""]
+    return report.header(title, "patch_dm_claims.py", argv)
 
 
 def resident_mb():
@@ -196,11 +185,7 @@ def main(argv=None):
     if opts.what == "_one":
         return one(opts)
     lines = (memory if opts.what == "memory" else seams)(opts, argv)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if opts.out:
-        with open(opts.out, "w") as f:
-            f.write(text)
+    report.emit("\n".join(lines) + "\n", opts.out)
     return 0
 
 

@@ -1,6 +1,27 @@
 """What every benchmark script in bench/ does with its results: markdown tables, and a report
 printed and optionally written to the file that bench/results/ keeps."""
 
+import datetime
+import os
+import platform
+
+
+def header(title, script, argv):
+    """A report's title, the command that produced it (`script` with `argv`), and the machine:
+    date, device, torch and triton versions, load average."""
+    import torch
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    device = (torch.cuda.get_device_name() if torch.cuda.is_available()
+              else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
+    return [f"# {title}", "", f"    python bench/{script} " + " ".join(argv), "",
+            f"- Date: {datetime.date.today()}; device: {device}; torch {torch.__version__}, "
+            f"triton {triton_version}; load average at the start: "
+            f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}.", ""]
+
 
 def table(header, rows):
     """A markdown table; every cell goes through str()."""
