@@ -48,6 +48,7 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import ddpm  # noqa: E402
+import evaluate  # noqa: E402
 
 PEER_INSTALL = ("install it in its own environment and run this script with that python: "
                 "python -m venv peer && peer/bin/pip install denoising-diffusion-pytorch "
@@ -65,17 +66,6 @@ def thumbnails(images):
     return F.adaptive_avg_pool2d(x, 8).flatten(1).numpy()
 
 
-def frechet_distance(a, b):
-    """||mu_a - mu_b||^2 + tr(C_a + C_b - 2 (C_a C_b)^(1/2)) between Gaussians fitted to the rows.
-    tr (C_a C_b)^(1/2) = tr (C_a^(1/2) C_b C_a^(1/2))^(1/2), a symmetric matrix (eigh)."""
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    c_a, c_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    w, v = np.linalg.eigh(c_a)
-    root_a = (v * np.sqrt(w.clip(min=0))) @ v.T
-    cross = np.sqrt(np.linalg.eigvalsh(root_a @ c_b @ root_a).clip(min=0)).sum()
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(c_a) + np.trace(c_b) - 2 * cross)
-
-
 def high_frequency(images):
     """uint8 (N, 3, H, W) -> (N,): mean |g - box3x3(g)| of the grey values g in [0, 1]."""
     g = torch.from_numpy(np.asarray(images)).float().mean(1, keepdim=True) / 255
@@ -85,7 +75,7 @@ def high_frequency(images):
 
 def score(samples, real, labels):
     """-> (FD, samples left in noise, classes covered or None) of uint8 samples against reals."""
-    fd = frechet_distance(thumbnails(samples), thumbnails(real))
+    fd = evaluate.features_frechet_distance(thumbnails(samples), thumbnails(real))
     noisy = int((high_frequency(samples) > high_frequency(real).max()).sum())
     if labels is None:
         return fd, noisy, None

@@ -1,0 +1,213 @@
+"""bench/evaluate.py and bench/inception.py: the metrics against their formulas, the feature
+network, and the command line end to end (random Inception weights: no test downloads)."""
+
+import json
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter
+
+import ddpm
+import patch_ddpm
+import testing_utils
+
+sys.path.insert(0, os.path.join(testing_utils.ROOT, "bench"))
+import evaluate  # noqa: E402
+import inception  # noqa: E402
+
+EVALUATE = types.SimpleNamespace(METHOD="evaluate")                 # its error lines' prefix
+
+
+def random_spd(rng, d, rank):
+    a = rng.standard_normal((d, rank))
+    return a @ a.T
+
+
+def test_frechet_distance_against_float64_closed_forms():
+    """Commuting covariances Q diag(a) Q^T, Q diag(b) Q^T: FD = |dmu|^2 + sum (sqrt a - sqrt b)^2.
+    C against k^2 C with C singular (rank 2 of 6): FD = |dmu|^2 + (1 - k)^2 tr C."""
+    rng = np.random.default_rng(0)
+    q = np.linalg.qr(rng.standard_normal((6, 6)))[0]
+    a, b = rng.uniform(0, 3, 6), rng.uniform(0, 3, 6)
+    a[:2] = 0                                                       # singular too
+    mu1, mu2 = rng.standard_normal(6), rng.standard_normal(6)
+    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    fd = evaluate.frechet_distance(mu1, q @ np.diag(a) @ q.T, mu2, q @ np.diag(b) @ q.T)
+    assert fd == pytest.approx(expected, rel=1e-7)     # sqrt of a rounding-level eigenvalue: 1e-8
+    c, k = random_spd(rng, 6, 2), 2.5
+    fd = evaluate.frechet_distance(mu1, c, mu2, k * k * c)
+    assert fd == pytest.approx(((mu1 - mu2) ** 2).sum() + (1 - k) ** 2 * np.trace(c), rel=1e-7)
+    s = random_spd(rng, 6, 6)
+    assert abs(evaluate.frechet_distance(mu1, s, mu1, s)) < 1e-7 * np.trace(s)
+    samples = rng.standard_normal((400_000, 3)) * [1.0, 2.0, 0.5]   # fitted Gaussians
+    assert evaluate.frechet_distance(*evaluate.gaussian(samples), np.array([1.0, 0, 0]),
+                                     np.diag([9.0, 1.0, 0.25])) == pytest.approx(6, rel=0.01)
+
+
+@pytest.mark.parametrize("n1, n2", [(5, 9), (40, 7)])
+def test_the_low_rank_frechet_distance_equals_the_covariance_one(n1, n2):
+    """Fewer samples than the 12 dimensions in one set or both: the samples'-space computation
+    equals the Gaussian formula on the fitted statistics."""
+    rng = np.random.default_rng(n1)
+    x, y = rng.standard_normal((n1, 12)), rng.standard_normal((n2, 12)) * 2 + 0.5
+    assert evaluate.features_frechet_distance(x, y) == pytest.approx(
+        evaluate.frechet_distance(*evaluate.gaussian(x), *evaluate.gaussian(y)), rel=1e-7)
+    assert abs(evaluate.features_frechet_distance(x, x)) < 1e-7
+
+
+def test_kid_is_the_unbiased_mmd_of_the_kid_paper():
+    """polynomial_mmd2 equals the U-statistic written out pair by pair; on sets of one
+    distribution its mean over many draws is 0 (unbiased), while the V-statistic (every pair,
+    i = j included) is positive; whole sets as subsets give one value with spread 0."""
+    rng = np.random.default_rng(1)
+    x, y = rng.standard_normal((7, 4)), rng.standard_normal((7, 4)) + 0.3
+    k = lambda a, b: (a @ b / 4 + 1) ** 3                          # noqa: E731
+    m = len(x)
+    u = (sum(k(x[i], x[j]) + k(y[i], y[j]) for i in range(m) for j in range(m) if i != j)
+         / (m * (m - 1)) - 2 * sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / m ** 2)
+    assert evaluate.polynomial_mmd2(x, y) == pytest.approx(u, rel=1e-12)
+    mean, std = evaluate.kernel_inception_distance(x, y, subsets=3, subset_size=m)
+    assert mean == pytest.approx(u, rel=1e-12) and std < 1e-12
+    draws = [(rng.standard_normal((20, 4)), rng.standard_normal((20, 4))) for _ in range(2000)]
+    unbiased = np.array([evaluate.polynomial_mmd2(a, b) for a, b in draws])
+    biased = np.array([np.mean((a @ a.T / 4 + 1) ** 3) + np.mean((b @ b.T / 4 + 1) ** 3)
+                       - 2 * np.mean((a @ b.T / 4 + 1) ** 3) for a, b in draws])
+    sem = unbiased.std() / np.sqrt(len(draws))
+    assert abs(unbiased.mean()) < 4 * sem < biased.mean()
+
+
+def test_inception_features_shape_determinism_and_eval_mode():
+    """(N, 2048) finite features; the same seed gives the same network; an image's features do
+    not depend on its batch (batch norm in eval mode, even after .train())."""
+    net = inception.InceptionV3(seed=0)
+    images = np.random.default_rng(0).integers(0, 256, (3, 3, 24, 40), dtype=np.uint8)
+    one = evaluate.inception_features(net.train(), images, 3, "test")
+    assert one.shape == (3, inception.FEATURES) and one.dtype == np.float64
+    assert np.isfinite(one).all() and one.std(0).mean() > 0
+    again = evaluate.inception_features(inception.InceptionV3(seed=0), images, 1, "test")
+    np.testing.assert_allclose(again, one, rtol=1e-5, atol=1e-7)
+    other = evaluate.inception_features(inception.InceptionV3(seed=1), images[:1], 1, "test")
+    assert np.abs(other - one[:1]).max() > 1e-3
+
+
+def write_folder(folder, images):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        image.save(folder / f"{i:05d}.png")
+
+
+def landscapes(n, size=32):
+    return [Image.fromarray(ddpm.procedural_landscape(i, size, size)[0].transpose(1, 2, 0))
+            for i in range(n)]
+
+
+def run(argv, capsys):
+    status, out, err = testing_utils.run_main(evaluate, argv, capsys)
+    return status, out, err
+
+
+def score(out):
+    """The two result lines -> (FD, KD mean), random-weight names."""
+    lines = dict(line.rsplit(" ", 1) if "+-" not in line else
+                 (line.split(" ")[0] + " KD", line.split(" ")[-3]) for line in out.splitlines())
+    return float(lines["random-feature FD"]), float(lines["random-feature KD"])
+
+
+def test_fid_of_a_folder_with_itself_is_zero_and_grows_with_blur_and_noise(tmp_path, capsys,
+                                                                          monkeypatch):
+    """Against the folder itself FD is 0; blurring or noising the images moves it away. The
+    reference features are computed once for three evaluations, again once the folder changes."""
+    real = landscapes(6)
+    write_folder(tmp_path / "real", real)
+    write_folder(tmp_path / "blurred", [im.filter(ImageFilter.GaussianBlur(1.5)) for im in real])
+    noise = np.random.default_rng(0).normal(0, 40, (6, 32, 32, 3))
+    write_folder(tmp_path / "noised", [Image.fromarray(np.clip(np.asarray(im) + n, 0, 255)
+                                                       .astype(np.uint8)) for im, n in
+                                       zip(real, noise)])
+    calls = []
+    features = evaluate.inception_features
+    monkeypatch.setattr(evaluate, "inception_features",
+                        lambda net, images, b, desc: calls.append(desc) or features(net, images,
+                                                                                    b, desc))
+    common = ["--reference", tmp_path / "real", "--inception_weights", "random",
+              "--kid_subset_size", 4, "--kid_subsets", 10, "--cache_dir", tmp_path / "cache"]
+    fd = {}
+    for name in ("real", "blurred", "noised"):
+        status, out, err = run(["--samples", tmp_path / name, "--output_dir", tmp_path / "out" /
+                                name] + common, capsys)
+        assert status == 0, err
+        fd[name] = score(out)[0]
+    assert calls.count("reference features") == 1 and calls.count("sample features") == 3
+    assert abs(fd["real"]) < 1e-6 * fd["blurred"] and fd["blurred"] > 0 and fd["noised"] > 0
+    metrics = json.loads((tmp_path / "out" / "noised" / "metrics.json").read_text())
+    assert metrics["random_feature_fd"] == pytest.approx(fd["noised"], rel=1e-3)
+    assert (metrics["num_samples"], metrics["num_reference"], metrics["resolution"]) == \
+        (6, 6, "32x32") and "fid" not in metrics
+    assert (tmp_path / "out" / "noised" / "metrics.md").read_text().count("\n") == 3
+    real[0].transpose(Image.FLIP_LEFT_RIGHT).save(tmp_path / "real" / "00000.png")
+    os.utime(tmp_path / "real" / "00000.png", ns=(1, 1))             # a changed file
+    status, out, err = run(["--samples", tmp_path / "real", "--output_dir", tmp_path / "out" /
+                            "again"] + common, capsys)
+    assert status == 0, err
+    assert calls.count("reference features") == 2
+    assert abs(score(out)[0]) < 1e-6 * fd["blurred"]                # the new reference
+
+
+def test_a_checkpoint_is_sampled_by_its_own_script_whatever_the_batch(tmp_path, capsys):
+    """A patch_ddpm.py checkpoint (ddpm.py would refuse it) is sampled by patch_ddpm.py: the
+    same images, hence the same numbers, in batches of 2 and of 4; the record says how."""
+    tiny = ["--image_size", "16", "--patch_divider", "2", "--base_channels", "8",
+            "--channel_mults", "1,2", "--attention_resolutions", "4", "--num_heads", "2",
+            "--batch_size", "4", "--procedural_size", "8", "--timesteps", "100",
+            "--preview_samples", "2", "--preview_steps", "2", "--cache_dir", tmp_path / "cache"]
+    run_dir = testing_utils.train_run(patch_ddpm, tiny, tmp_path, "run")
+    checkpoint = os.path.join(run_dir, "checkpoints", "last.pt")
+    common = ["--checkpoint", checkpoint, "--num_samples", 5, "--inception_weights", "random",
+              "--kid_subset_size", 3, "--kid_subsets", 4, "--reference_size", 6,
+              "--sampling_steps", 3, "--cache_dir", tmp_path / "cache"]
+    results = []
+    for batch in (2, 4):
+        out_dir = tmp_path / f"eval{batch}"
+        status, out, err = run(common + ["--batch_size", batch, "--output_dir", out_dir], capsys)
+        assert status == 0, err
+        images = [np.asarray(Image.open(out_dir / "samples" / f"{i:05d}.png")) for i in range(5)]
+        results.append((score(out), images, json.loads((out_dir / "metrics.json").read_text())))
+    (fd2, kd2), images2, record = results[0]
+    assert all(np.array_equal(a, b) for a, b in zip(images2, results[1][1]))
+    assert results[1][0][0] == pytest.approx(fd2, rel=1e-6)
+    assert (record["method"], record["sampler"], record["sampling_steps"], record["num_samples"]) \
+        == ("patch_ddpm", "ddim", 3, 5)
+    assert record["sampling_seconds"] > 0 and record["sampling_peak_memory_mib"] > 0
+
+
+@pytest.mark.parametrize("case", ["weights missing", "offline", "empty folder", "too few for KID",
+                                  "two sizes", "not a checkpoint"])
+def test_user_errors_are_one_line(case, tmp_path, capsys, monkeypatch):
+    write_folder(tmp_path / "samples", landscapes(3, 16))
+    argv = ["--samples", tmp_path / "samples", "--kid_subset_size", 2, "--cache_dir",
+            tmp_path / "cache", "--output_dir", tmp_path / "out", "--inception_weights", "random"]
+    if case == "weights missing":
+        argv += ["--inception_weights", tmp_path / "nowhere.pth"]
+    elif case == "offline":                                          # the download fails
+        monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+        monkeypatch.setattr(inception, "WEIGHTS_URL", "http://127.0.0.1:9/pt_inception.pth")
+        argv = argv[:-2]
+    elif case == "empty folder":
+        (tmp_path / "empty").mkdir()
+        argv[1] = tmp_path / "empty"
+    elif case == "too few for KID":
+        argv += ["--kid_subset_size", 4]
+    elif case == "two sizes":
+        landscapes(1, 24)[0].save(tmp_path / "samples" / "odd.png")
+    else:
+        (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+        argv[:2] = ["--checkpoint", tmp_path / "bad.pt"]
+    status, out, err = run(argv, capsys)
+    if case == "offline":                          # the line that says what it downloads first
+        download, err = err.split("\n", 1)
+        assert "http://127.0.0.1:9/pt_inception.pth" in download
+    testing_utils.assert_user_error(EVALUATE, status, err)
