@@ -62,7 +62,7 @@ PEER_INSTALL = ("install it in its own environment and run this script with that
 
 def thumbnails(images):
     """uint8 (N, 3, H, W) -> float64 (N, 192): 8 x 8 box-filtered thumbnails in [0, 1]."""
-    x = torch.from_numpy(np.asarray(images)).double() / 255
+    x = torch.from_numpy(np.array(images)).double() / 255                 # a copy
     return F.adaptive_avg_pool2d(x, 8).flatten(1).numpy()
 
 

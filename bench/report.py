@@ -4,6 +4,7 @@ printed and optionally written to the file that bench/results/ keeps."""
 import datetime
 import os
 import platform
+import shlex
 
 
 def header(title, script, argv):
@@ -17,7 +18,7 @@ def header(title, script, argv):
         triton_version = "not installed"
     device = (torch.cuda.get_device_name() if torch.cuda.is_available()
               else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
-    return [f"# {title}", "", f"    python bench/{script} " + " ".join(argv), "",
+    return [f"# {title}", "", f"    python bench/{script} " + shlex.join(argv), "",
             f"- Date: {datetime.date.today()}; device: {device}; torch {torch.__version__}, "
             f"triton {triton_version}; load average at the start: "
             f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}.", ""]

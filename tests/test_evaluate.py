@@ -1,6 +1,7 @@
 """bench/evaluate.py and bench/inception.py: the metrics against their formulas, the feature
 network, and the command line end to end (random Inception weights: no test downloads)."""
 
+import argparse
 import json
 import os
 import sys
@@ -211,3 +212,28 @@ def test_user_errors_are_one_line(case, tmp_path, capsys, monkeypatch):
         download, err = err.split("\n", 1)
         assert "http://127.0.0.1:9/pt_inception.pth" in download
     testing_utils.assert_user_error(EVALUATE, status, err)
+
+
+def test_compare_methods_runs_end_to_end_and_never_names_another_number_fid(tmp_path):
+    """One method on 8 built-in landscapes: calibrated steps, sampling in a worker process, the
+    thumbnail FD of the samples and of real images, and FID "not computed" without weights.
+    patchify_ddpm.py's patch size follows the common image size."""
+    sys.path.insert(0, os.path.join(testing_utils.ROOT, "bench"))
+    import compare_methods
+    out = tmp_path / "table.md"
+    argv = ["--methods", "ddpm", "--minutes", "0.03", "--image_size", "16", "--procedural_size",
+            "8", "--num_samples", "4", "--nfe", "3", "--kid_subset_size", "2", "--batch_size",
+            "3", "--inception_weights", "random", "--work_dir", str(tmp_path / "work"), "--out",
+            str(out), "--train_flags", "--base_channels 8 --channel_mults 1,2 --batch_size 4 "
+            "--num_heads 2 --attention_resolutions 8"]
+    assert compare_methods.main(argv) == 0
+    rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| ")]
+    ddpm_row, real_row = rows[1], rows[2]
+    assert ddpm_row[0] == "| `ddpm.py`" and int(ddpm_row[2]) >= 1 and ddpm_row[6] == "ddim x 3"
+    assert ddpm_row[9:11] == ["not computed"] * 2 and float(ddpm_row[11].rstrip(" |")) > 0
+    assert real_row[0] == "| real images" and real_row[9] == "not computed"
+    assert float(real_row[11].rstrip(" |")) < float(ddpm_row[11].rstrip(" |"))
+    assert len(os.listdir(tmp_path / "work" / "ddpm" / "samples")) == 4 + 1       # and grid.png
+    args = argparse.Namespace(image_size="64", dataset_path=None, procedural_size=8, seed=0,
+                              preset="quick", work_dir="w", train_flags="")
+    assert compare_methods.method_flags("patchify_ddpm", args)[-2:] == ["--patch_size", "4"]
