@@ -36,6 +36,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -123,6 +124,7 @@ def sample(row, args):
     spec = dict(checkpoint=row["checkpoint"], num_samples=args.num_samples,
                 batch_size=args.batch_size, seed=args.seed, sampler=None,
                 sampling_steps=steps, out=os.path.join(args.work_dir, row["method"], "samples"))
+    shutil.rmtree(spec["out"], ignore_errors=True)                  # no earlier run's images
     result = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker",
                              json.dumps(spec)], cwd=ROOT, capture_output=True, text=True)
     if result.returncode:
@@ -150,7 +152,7 @@ def read_images(folder, count):
 def reference_images(args, size):
     """The reference images at `size`, uint8 (N, 3, H, W), decoded as training decodes them."""
     data = argparse.Namespace(image_size=size, dataset_path=args.reference or args.dataset_path,
-                              class_conditional=False, num_workers=4, seed=args.seed,
+                              class_conditional=False, num_workers=4, seed=0,   # as evaluate.py
                               cache_dir=os.path.join(args.work_dir, "cache"),
                               procedural_size=args.procedural_size)
     return ddpm.load_dataset(data, log=lambda line: None)[0]
@@ -160,7 +162,8 @@ def scores(samples, args, weights_ok):
     """Thumbnail FD, and FID / KID when the weights are there, of a folder of samples."""
     size = list(Image.open(os.path.join(samples, "00000.png")).size[::-1])
     real = reference_images(args, size)
-    fake = read_images(samples, args.num_samples)
+    fake = read_images(samples, len([f for f in os.listdir(samples)
+                                     if f not in evaluate.NOT_SAMPLES]))
     out = {"thumbnail_fd": evaluate.features_frechet_distance(compare_peer.thumbnails(fake),
                                                               compare_peer.thumbnails(real))}
     if weights_ok:
@@ -176,11 +179,14 @@ def scores(samples, args, weights_ok):
 
 
 def real_row(args, size):
-    """--num_samples reference images (a seeded draw) written as samples: the scores' floor."""
+    """--num_samples reference images (a seeded draw; all of them if there are fewer) written
+    as samples: the scores' floor at `size`."""
     real = reference_images(args, size)
-    folder = os.path.join(args.work_dir, "real")
-    os.makedirs(folder, exist_ok=True)
-    pick = np.random.default_rng(args.seed).choice(len(real), args.num_samples, replace=False)
+    folder = os.path.join(args.work_dir, "real-{}x{}".format(*size))
+    shutil.rmtree(folder, ignore_errors=True)                       # no earlier run's images
+    os.makedirs(folder)
+    pick = np.random.default_rng(args.seed).choice(len(real), min(len(real), args.num_samples),
+                                                   replace=False)
     for i, j in enumerate(pick):
         ddpm.save_png(real[j].transpose(1, 2, 0), os.path.join(folder, f"{i:05d}.png"))
     return folder
@@ -191,7 +197,8 @@ def inception_available(args):
     if args.inception_weights == "random":
         return False, "random weights give no FID"
     try:
-        evaluate.load_inception(args.inception_weights, torch.device("cpu"))
+        evaluate.load_inception(evaluate.inception_weights(args.inception_weights)[0],
+                                torch.device("cpu"))
         return True, ""
     except UserError as error:
         return False, str(error)
@@ -208,8 +215,9 @@ def table(args, rows, real, why_not):
              f"{r['train_memory_mib']:,.0f}", f"{r['sampler']} x {r['sampling_steps']}",
              f"{r['seconds_per_image']:.3f}", f"{r['sample_memory_mib']:,.0f}", fid(r), kid(r),
              f"{r['thumbnail_fd']:.4f}"] for r in rows]
-    body.append(["real images", "", "", "", "", "", "", "", "", fid(real), kid(real),
-                 f"{real['thumbnail_fd']:.4f}"])
+    for size, r in real.items():
+        body.append([f"real images ({size})", "", "", "", "", "", "", "", "", fid(r), kid(r),
+                     f"{r['thumbnail_fd']:.4f}"])
     data = args.dataset_path or f"the built-in landscapes ({args.procedural_size} images)"
     lines = report.header("The methods at the same training minutes", "compare_methods.py",
                           sys.argv[1:])
@@ -226,25 +234,30 @@ def table(args, rows, real, why_not):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--methods", nargs="+", choices=evaluate.METHODS, default=evaluate.METHODS)
+    p = ddpm.Parser(prog="bench/compare_methods.py", description=__doc__.split("\n")[0],
+                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    pos, real = ddpm.at_least(1), ddpm.at_least(0.0, float)
+    p.add_argument("--methods", nargs="+", choices=evaluate.METHODS, default=evaluate.METHODS,
+                   help="the scripts to compare")
     p.add_argument("--dataset_path", help="image folder (default: the built-in landscapes)")
-    p.add_argument("--procedural_size", type=int, default=1024, help="built-in images")
+    p.add_argument("--procedural_size", type=pos, default=1024, help="built-in images")
     p.add_argument("--reference", help="the scores' real images (default: the training data)")
     p.add_argument("--preset", choices=["quick", "paper"], default="quick")
     p.add_argument("--image_size", help="one size for all (default: 32 with quick, each "
                    "paper's with paper)")
-    p.add_argument("--minutes", type=float, default=5.0, help="U-Net training per method")
+    p.add_argument("--minutes", type=real, default=5.0, help="U-Net training per method")
     p.add_argument("--train_flags", default="", help="more flags for every training run, "
                    "e.g. '--precision bf16'")
-    p.add_argument("--num_samples", type=int, default=256)
-    p.add_argument("--nfe", type=int, default=50, help="network evaluations per sample")
-    p.add_argument("--batch_size", type=int, default=64, help="sampling batch")
-    p.add_argument("--kid_subset_size", type=int, default=100)
+    p.add_argument("--num_samples", type=pos, default=256, help="samples per method")
+    p.add_argument("--nfe", type=pos, default=50, help="network evaluations per sample")
+    p.add_argument("--batch_size", type=pos, default=64, help="sampling batch")
+    p.add_argument("--kid_subset_size", type=ddpm.at_least(2), default=100,
+                   help="KID: images per subset (at most --num_samples)")
     p.add_argument("--inception_weights", help="pytorch-fid's file (default: the hub cache, "
                    "or a download)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--work_dir", default=os.path.join("runs", "compare_methods"))
+    p.add_argument("--seed", type=ddpm.at_least(0), default=0, help="training and noise seed")
+    p.add_argument("--work_dir", default=os.path.join("runs", "compare_methods"),
+                   help="runs, samples and caches")
     p.add_argument("--out", help="also write the table here")
     p.add_argument("--worker", help=argparse.SUPPRESS)          # internal: one sampling run
     args = p.parse_args(argv)
@@ -252,6 +265,9 @@ def main(argv=None):
         return worker(args.worker)
     if args.image_size is None and args.preset == "quick":
         args.image_size = "32"
+    if args.kid_subset_size > args.num_samples:
+        raise UserError(f"--kid_subset_size {args.kid_subset_size} exceeds --num_samples "
+                        f"{args.num_samples}")
     weights_ok, why_not = inception_available(args)
     rows = []
     for method in args.methods:
@@ -260,7 +276,8 @@ def main(argv=None):
         row.update(sample(row, args))
         row.update(scores(row["samples"], args, weights_ok))
         rows.append(row)
-    real = scores(real_row(args, rows[0]["resolution"]), args, weights_ok)
+    real = {"{}x{}".format(*size): scores(real_row(args, size), args, weights_ok)
+            for size in sorted({tuple(r["resolution"]) for r in rows})}
     report.emit(table(args, rows, real, why_not), args.out)
     return 0
 

@@ -18,25 +18,30 @@ of images, the sampler and its steps, the seconds taken and the device.
 - **Reference.** The images of --reference (default: the built-in landscapes, --reference_size
   of them), decoded as training decodes them (upright by EXIF, RGB, resized to cover the samples'
   size and centre-cropped) into the same cache file a training run at that size uses (--cache_dir).
-  Their statistics are cached beside it per feature network, so a second evaluation against the
-  same folder at the same size reads no image; a changed folder (file list, sizes, modification
-  times) gets new ones.
+  Its features, mean and covariance are cached beside it per feature network, so a second
+  evaluation against the same folder at the same size reads no image; a changed folder (file
+  list, sizes, modification times) gets new ones. Decoded like the training data, not read as
+  they are (as pytorch-fid reads them): the reference is then exactly what a model trained at that
+  size saw, and a folder of another size can be a reference (for PNGs at the samples' size the
+  decode changes nothing).
 - **Features** (bench/inception.py): Inception-v3's pool3, fed as pytorch-fid feeds it: images
   read with PIL as RGB, scaled to [0, 1], resized bilinearly to 299 x 299, mapped to [-1, 1];
   features in float64 for the statistics. The weights are pytorch-fid's public file, from
   --inception_weights PATH or downloaded once into the torch hub cache (a line says so).
   `--inception_weights random` uses random weights (for tests and smoke runs): what it prints is
   then named `random-feature FD` and `random-feature KD`, never FID or KID.
-- **FID** (Heusel et al. 2017): ||mu_1 - mu_2||^2 + tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2)), in float64.
+- **FID** (Heusel et al. 2017, https://arxiv.org/abs/1706.08500, Eq. 6):
+  ||mu_1 - mu_2||^2 + tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2)), in float64.
   It is biased upwards at small N (the papers use 50,000 samples): compare only numbers taken with
   the same N and the same reference.
-- **KID** (Binkowski et al. 2018, Sec. 4 and Appendix): the unbiased estimate of the squared MMD
+- **KID** (Binkowski et al. 2018, https://arxiv.org/abs/1801.01401, Sec. 4): the unbiased squared MMD
   with the kernel k(x, y) = (x.y / d + 1)^3, d = 2048, on --kid_subsets random subsets of
   --kid_subset_size images of each set (defaults 100 and 1,000, as torch-fidelity); its mean and
   standard deviation over the subsets.
 
 Exit status 2 with one line for a user error: no such checkpoint or folder, an empty folder,
-samples of different sizes, fewer images than the KID subset size, no weights file offline.
+samples of different sizes, fewer images than the KID subset size, no weights file offline. All
+are checked before any sampling, but the reference's size (known after decoding it).
 """
 
 import argparse
@@ -62,6 +67,12 @@ from ddpm import UserError  # noqa: E402
 
 METHODS = ("ddpm", "patch_ddpm", "patchify_ddpm", "patch_diffusion", "patch_dm")
 NOT_SAMPLES = ("grid.png", "trajectory.gif")        # what --sample writes beside its samples
+WEIGHTS_SHA256_PREFIX = "6726825d"                  # in the file's name, as torch.hub names files
+FEATURES_VERSION = 1                                # in the cache key: raise it when features change
+
+
+class ScriptFailed(Exception):
+    """The sampling script exited with this status (it has printed its own error line)."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -75,7 +86,8 @@ def gaussian(features):
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """The Frechet distance of two Gaussians. tr (S_1 S_2)^(1/2) is computed as the trace of the
+    """The Frechet distance of two Gaussians, ||mu_1 - mu_2||^2 + tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2)).
+    tr (S_1 S_2)^(1/2) is computed as the trace of the
     symmetric (S_1^(1/2) S_2 S_1^(1/2))^(1/2), which has the same eigenvalues: two symmetric
     eigendecompositions, exact for singular covariances too (N < d samples), where a general
     matrix square root of S_1 S_2 has to be regularised."""
@@ -101,9 +113,8 @@ def features_frechet_distance(x, y):
 
 
 def polynomial_mmd2(x, y):
-    """The unbiased squared MMD of two equally large sets under k(a, b) = (a.b / d + 1)^3:
-    the means of k over distinct pairs within each set, minus twice the mean over all pairs
-    across them."""
+    """The unbiased squared MMD of two sets of m rows under k(a, b) = (a.b / d + 1)^3:
+    sum_{i != j} [k(x_i, x_j) + k(y_i, y_j)] / (m (m - 1)) - 2 sum_{i, j} k(x_i, y_j) / m^2."""
     m, d = len(x), x.shape[1]
     kxx, kyy, kxy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
     within = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
@@ -128,34 +139,41 @@ def kernel_inception_distance(x, y, subsets, subset_size, seed=0):
 # Features
 # ------------------------------------------------------------------------------------------------
 
-def load_inception(weights, device):
-    """-> (network, a fingerprint of its weights for the cache, whether they are the real ones).
-    `weights`: a file, "random", or None (pytorch-fid's file, downloaded once)."""
-    net = inception.InceptionV3()
+def inception_weights(weights):
+    """--inception_weights -> (a weights file or "random", a fingerprint of the weights for the
+    cache key). None: pytorch-fid's file in the torch hub cache, downloaded there once."""
     if weights == "random":
-        return net.to(device), "random-seed0", False
+        return weights, f"random-seed0-v{FEATURES_VERSION}"
     if weights is None:
-        name = os.path.basename(inception.WEIGHTS_URL)
-        weights = os.path.join(torch.hub.get_dir(), "checkpoints", name)
+        weights = os.path.join(torch.hub.get_dir(), "checkpoints",
+                               os.path.basename(inception.WEIGHTS_URL))
         if not os.path.isfile(weights):
             print(f"downloading the FID Inception weights (pytorch-fid, 91 MB) from "
                   f"{inception.WEIGHTS_URL} into {os.path.dirname(weights)}", file=sys.stderr)
             try:
-                torch.hub.download_url_to_file(inception.WEIGHTS_URL, weights, progress=True)
-            except OSError as error:                                # URLError is an OSError
+                os.makedirs(os.path.dirname(weights), exist_ok=True)
+                torch.hub.download_url_to_file(inception.WEIGHTS_URL, weights,
+                                               hash_prefix=WEIGHTS_SHA256_PREFIX)
+            except (OSError, RuntimeError) as error:                # offline; a wrong hash
                 raise UserError(f"cannot download the Inception weights ({error}); fetch "
                                 f"{inception.WEIGHTS_URL} elsewhere and pass "
                                 f"--inception_weights PATH") from None
     if not os.path.isfile(weights):
         raise UserError(f"--inception_weights {weights} does not exist")
     with open(weights, "rb") as f:
-        fingerprint = hashlib.sha256(f.read()).hexdigest()[:16]
-    try:
-        net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    except Exception as error:                                      # not a state dict of it
-        raise UserError(f"--inception_weights {weights} is not pytorch-fid's Inception weights "
-                        f"file ({type(error).__name__})") from None
-    return net.to(device), fingerprint, True
+        return weights, f"{hashlib.sha256(f.read()).hexdigest()[:16]}-v{FEATURES_VERSION}"
+
+
+def load_inception(weights, device):
+    """A weights file or "random" -> the network on `device`, in eval mode."""
+    net = inception.InceptionV3()
+    if weights != "random":
+        try:
+            net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        except Exception as error:                                  # not a state dict of it
+            raise UserError(f"--inception_weights {weights} is not pytorch-fid's Inception "
+                            f"weights file ({type(error).__name__})") from None
+    return net.to(device).eval()
 
 
 @torch.no_grad()
@@ -165,18 +183,21 @@ def inception_features(net, images, batch_size, desc):
     device, out = next(net.parameters()).device, []
     for start in tqdm(range(0, len(images), batch_size), desc, disable=None):
         x = torch.from_numpy(np.array(images[start:start + batch_size])).to(device)  # a copy
-        out.append(net.eval()(x.float() / 255).double().cpu())
+        out.append(net.eval()(x.float() / 255).double().cpu())     # (B, 3, H, W) -> (B, 2048)
     return torch.cat(out).numpy()
 
 
 class ImageFolder:
-    """The sample images under `root` as uint8 (3, H, W), read on indexing with PIL as RGB."""
+    """Sample images as uint8 (N, 3, H, W), read on slicing with PIL as RGB: every image under
+    `root` but NOT_SAMPLES, or exactly `paths`."""
 
-    def __init__(self, root):
+    def __init__(self, root, paths=None):
         if not os.path.isdir(root):
             raise UserError(f"--samples {root} is not a folder")
-        paths = ddpm.find_images(root, False)[0]
-        self.paths = [p for p in paths if os.path.basename(p) not in NOT_SAMPLES]
+        if paths is None:
+            paths = [p for p in ddpm.find_images(root, False)[0]
+                     if os.path.basename(p) not in NOT_SAMPLES]
+        self.paths = paths
         if not self.paths:
             raise UserError(f"no sample images under {root} (only {', '.join(NOT_SAMPLES)})")
         sizes = {}
@@ -197,36 +218,42 @@ class ImageFolder:
 
     def __getitem__(self, index):
         def read(path):
-            with Image.open(path) as image:
-                return np.asarray(image.convert("RGB")).transpose(2, 0, 1)
-        return np.stack([read(p) for p in self.paths[index]])
+            try:
+                with Image.open(path) as image:
+                    return np.asarray(image.convert("RGB")).transpose(2, 0, 1)
+            except (OSError, ValueError, SyntaxError) as error:      # truncated after its header
+                raise UserError(f"{path} cannot be read as an image ({error})") from None
+        return np.stack([read(p) for p in self.paths[index]])       # (B, 3, H, W)
 
 
-def reference_features(args, height, width, net, fingerprint):
-    """The reference images' features at the samples' size, from the cache when it has them."""
+def reference_statistics(args, height, width, net, fingerprint):
+    """The reference images' features at the samples' size and their mean and covariance, from
+    the cache when it has them. -> (dict of features, mu, sigma; the cache file)."""
     data = argparse.Namespace(image_size=[height, width], dataset_path=args.reference,
                               class_conditional=False, cache_dir=args.cache_dir,
                               num_workers=args.num_workers, procedural_size=args.reference_size,
                               seed=0)
-    if args.reference is not None and not os.path.isdir(args.reference):
-        raise UserError(f"--reference {args.reference} is not a folder")
     images = ddpm.load_dataset(data, log=lambda line: print(line, file=sys.stderr))[0]
-    path = f"{images.filename[:-len('.npy')]}-inception-{fingerprint}.npy"
-    if os.path.exists(path):
-        return np.load(path), path
-    features = inception_features(net, images, args.batch_size, "reference features")
-    np.save(f"{path}.{os.getpid()}.tmp.npy", features)
-    os.replace(f"{path}.{os.getpid()}.tmp.npy", path)               # never half a file
-    return features, path
+    path = f"{images.filename[:-len('.npy')]}-inception-{fingerprint}.npz"   # (N, 3, H, W)
+    if not os.path.exists(path):
+        features = inception_features(net, images, args.batch_size, "reference features")
+        tmp = f"{path}.{os.getpid()}.tmp.npz"
+        try:
+            np.savez(tmp, features=features, **dict(zip(("mu", "sigma"), gaussian(features))))
+            os.replace(tmp, path)                                   # never half a file
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    with np.load(path) as cached:
+        return dict(cached), path
 
 
 # ------------------------------------------------------------------------------------------------
 # Sampling a checkpoint
 # ------------------------------------------------------------------------------------------------
 
-def sample_checkpoint(args, out_dir):
-    """Draw --num_samples images with the script that wrote --checkpoint, in this process.
-    -> a record of what was run: method, sampler, steps, seconds, peak memory."""
+def checkpoint_method(args):
+    """The script, sampler and steps that will sample --checkpoint (read without running it)."""
     if not os.path.isfile(args.checkpoint):
         raise UserError(f"checkpoint {args.checkpoint} does not exist")
     try:
@@ -234,16 +261,20 @@ def sample_checkpoint(args, out_dir):
     except Exception as error:
         raise UserError(f"{args.checkpoint} cannot be read as a checkpoint "
                         f"({type(error).__name__})") from None
-    method = ckpt.get("method") if isinstance(ckpt, dict) else None
-    if method not in METHODS:
+    if not isinstance(ckpt, dict) or ckpt.get("method") not in METHODS or "args" not in ckpt:
         raise UserError(f"{args.checkpoint} is not a checkpoint of this repository's scripts "
                         f"({', '.join(m + '.py' for m in METHODS)})")
-    sampler = args.sampler or ckpt["args"]["sampler"]
-    steps = args.sampling_steps or ckpt["args"]["sampling_steps"]
-    del ckpt
+    return (ckpt["method"], args.sampler or ckpt["args"].get("sampler"),
+            args.sampling_steps or ckpt["args"].get("sampling_steps"))
+
+
+def sample_checkpoint(args, out_dir):
+    """Draw --num_samples images with the script that wrote --checkpoint, in this process, into
+    out_dir. -> a record of what was run: method, sampler, steps, seconds, peak memory."""
+    method, sampler, steps = checkpoint_method(args)
     argv = ["--sample", "--checkpoint", args.checkpoint, "--output_dir", out_dir,
             "--num_samples", str(args.num_samples), "--batch_size", str(args.batch_size),
-            "--seed", str(args.seed), "--sampler", sampler, "--sampling_steps", str(steps)]
+            "--seed", str(args.seed), "--sampler", str(sampler), "--sampling_steps", str(steps)]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -251,7 +282,7 @@ def sample_checkpoint(args, out_dir):
     status = importlib.import_module(method).main(argv)
     seconds = time.perf_counter() - start
     if status:
-        raise SystemExit(status)                                    # its error line is printed
+        raise ScriptFailed(status)
     memory = (torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda"
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return dict(method=method, checkpoint=args.checkpoint, sampler=sampler, sampling_steps=steps,
@@ -281,8 +312,9 @@ def build_parser():
                    "Inception batch")
     p.add_argument("--inception_weights", help="pytorch-fid's weights file, or 'random' "
                    "(default: download it once into the torch hub cache)")
-    p.add_argument("--kid_subsets", type=pos, default=100)
-    p.add_argument("--kid_subset_size", type=ddpm.at_least(2), default=1000)
+    p.add_argument("--kid_subsets", type=pos, default=100, help="KID: random subsets drawn")
+    p.add_argument("--kid_subset_size", type=ddpm.at_least(2), default=1000,
+                   help="KID: images per subset, of each set")
     p.add_argument("--output_dir", help="default runs/evaluate/<checkpoint or samples name>")
     p.add_argument("--cache_dir", default=os.path.join("runs", "cache"),
                    help="decoded reference images and their features (as the scripts')")
@@ -299,29 +331,40 @@ def default_output_dir(args):
 
 
 def evaluate(args):
-    """Sample (or read) the images, compare them with the reference. -> the metrics dict."""
+    """Check what can be checked, sample (or read) the images, compare them with the reference.
+    -> the metrics dict."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = args.output_dir or default_output_dir(args)
-    start, record = time.perf_counter(), {}
-    if args.checkpoint:                                # first, so that its peak memory is its own
-        record = sample_checkpoint(args, os.path.join(out, "samples"))
-        samples = ImageFolder(os.path.join(out, "samples"))
-    else:
-        samples = ImageFolder(args.samples)
-    if len(samples) < args.kid_subset_size:                         # before any feature
-        raise UserError(f"{len(samples)} samples: KID needs at least --kid_subset_size "
+    if args.reference is not None:
+        if not os.path.isdir(args.reference):
+            raise UserError(f"--reference {args.reference} is not a folder")
+        ddpm.find_images(args.reference, False)                     # not empty
+    samples = None if args.checkpoint else ImageFolder(args.samples)
+    count = args.num_samples if args.checkpoint else len(samples)
+    if count < args.kid_subset_size:
+        raise UserError(f"{count} samples: KID needs at least --kid_subset_size "
                         f"{args.kid_subset_size}; lower it or give more samples")
-    net, fingerprint, real = load_inception(args.inception_weights, device)
+    if args.checkpoint:
+        checkpoint_method(args)
+    weights, fingerprint = inception_weights(args.inception_weights)
+    start, record = time.perf_counter(), {}
+    if args.checkpoint:                  # before the network is built: its peak memory is its own
+        folder = os.path.join(out, "samples")
+        record = sample_checkpoint(args, folder)
+        samples = ImageFolder(folder, [os.path.join(folder, f"{i:05d}.png")
+                                       for i in range(args.num_samples)])
+    net = load_inception(weights, device)
     fake = inception_features(net, samples, args.batch_size, "sample features")
-    ref, cache = reference_features(args, samples.height, samples.width, net, fingerprint)
-    if min(len(fake), len(ref)) < 2:
-        raise UserError(f"{len(fake)} samples and {len(ref)} reference images: a covariance "
-                        f"needs at least 2 of each")
+    reference, cache = reference_statistics(args, samples.height, samples.width, net, fingerprint)
+    ref = reference["features"]
     if len(samples) < 10_000:
         print(f"note: {len(samples)} samples; FID is biased upwards below the papers' 50,000: "
               f"compare only numbers with the same N", file=sys.stderr)
     kid = kernel_inception_distance(fake, ref, args.kid_subsets, args.kid_subset_size)
-    fd = features_frechet_distance(fake, ref)
+    large = min(len(fake), len(ref)) > inception.FEATURES              # the cached statistics
+    fd = (frechet_distance(*gaussian(fake), reference["mu"], reference["sigma"]) if large
+          else features_frechet_distance(fake, ref))
+    real = weights != "random"
     names = ("fid", "kid") if real else ("random_feature_fd", "random_feature_kd")
     metrics = {names[0]: fd, f"{names[1]}_mean": kid[0], f"{names[1]}_std": kid[1],
                "num_samples": len(samples), "num_reference": len(ref),
@@ -343,18 +386,21 @@ def write_metrics(m, names, out):
     print(f"{label[0]} {m[names[0]]:.4f}")
     print(f"{label[1]} {m[names[1] + '_mean']:.6f} +- {m[names[1] + '_std']:.6f}")
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "metrics.json.tmp"), "w") as f:
-        json.dump(m, f, indent=2)
-    os.replace(os.path.join(out, "metrics.json.tmp"), os.path.join(out, "metrics.json"))
+
+    def write(name, text):                                          # a temporary file, renamed
+        tmp = os.path.join(out, f"{name}.{os.getpid()}.tmp")
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, os.path.join(out, name))
+    write("metrics.json", json.dumps(m, indent=2))
     header = ["samples", "N", "resolution", "sampler", "steps", label[0], label[1], "seconds",
               "device"]
     row = [m.get("checkpoint") or m["samples"], m["num_samples"], m["resolution"],
            m["sampler"] or "-", m["sampling_steps"] or "-", f"{m[names[0]]:.3f}",
            f"{m[names[1] + '_mean']:.5f} +- {m[names[1] + '_std']:.5f}", m["seconds"],
            m["device"]]
-    with open(os.path.join(out, "metrics.md"), "w") as f:
-        f.write("| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n| "
-                + " | ".join(map(str, row)) + " |\n")
+    write("metrics.md", "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n| "
+          + " | ".join(map(str, row)) + " |\n")
 
 
 def main(argv=None):
@@ -364,6 +410,8 @@ def main(argv=None):
     except UserError as error:
         print(f"evaluate.py: error: {error}", file=sys.stderr)
         return 2
+    except ScriptFailed as failed:
+        return failed.args[0]
 
 
 if __name__ == "__main__":

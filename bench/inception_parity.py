@@ -10,10 +10,13 @@ torchvision-built Inception-v3 with its FID blocks, random batch-norm statistics
 into ours with strict=True (the names match), and ours' He-normal weights into it. With
 --weights PATH (pt_inception-2015-12-05-6726825d.pth) both load the file. Reported: the largest
 difference of the pool3 features at three input sizes (the resize to 299 is inside both).
+--manifest PATH writes the names and shapes of pytorch-fid's state dict (the file that
+tests/test_evaluate.py compares ours with: tests/data/pytorch_fid_inception_shapes.json).
 """
 
 import argparse
 import importlib.metadata
+import json
 import os
 import sys
 
@@ -54,7 +57,11 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--weights", help="pt_inception-2015-12-05-6726825d.pth (default: random)")
     p.add_argument("--out", help="also write the report here")
+    p.add_argument("--manifest", help="write pytorch-fid's parameter names and shapes here")
     args = p.parse_args()
+    if args.manifest:
+        with open(args.manifest, "w") as f:
+            json.dump({k: list(v.shape) for k, v in random_state(0).items()}, f, indent=0)
     g = torch.Generator().manual_seed(0)
     if args.weights:
         states = {"the weights file": torch.load(args.weights, map_location="cpu")}

@@ -81,6 +81,24 @@ def test_kid_is_the_unbiased_mmd_of_the_kid_paper():
     assert abs(unbiased.mean()) < 4 * sem < biased.mean()
 
 
+def test_inception_has_pytorch_fid_parameter_names_and_shapes():
+    """The state dict's names and shapes are those of pytorch-fid's network (the manifest was
+    written from pytorch-fid's own modules by bench/inception_parity.py --manifest), so its
+    weights file loads with strict=True."""
+    with open(os.path.join(testing_utils.ROOT, "tests", "data",
+                           "pytorch_fid_inception_shapes.json")) as f:
+        manifest = json.load(f)
+    ours = {k: list(v.shape) for k, v in inception.InceptionV3().state_dict().items()}
+    assert ours == manifest
+
+
+def test_block_pools_average_over_the_image_only():
+    """FID's Inception divides a 3x3 average by the pixels inside the image: a constant map
+    stays constant at the corners (torchvision's count_include_pad=True gives 4/9 there)."""
+    pooled = inception.avg_pool(torch.ones(1, 1, 5, 5))
+    assert torch.equal(pooled, torch.ones(1, 1, 5, 5))
+
+
 def test_inception_features_shape_determinism_and_eval_mode():
     """(N, 2048) finite features; the same seed gives the same network; an image's features do
     not depend on its batch (batch norm in eval mode, even after .train())."""
@@ -106,112 +124,151 @@ def landscapes(n, size=32):
             for i in range(n)]
 
 
-def run(argv, capsys):
-    status, out, err = testing_utils.run_main(evaluate, argv, capsys)
-    return status, out, err
-
-
-def score(out):
-    """The two result lines -> (FD, KD mean), random-weight names."""
-    lines = dict(line.rsplit(" ", 1) if "+-" not in line else
-                 (line.split(" ")[0] + " KD", line.split(" ")[-3]) for line in out.splitlines())
-    return float(lines["random-feature FD"]), float(lines["random-feature KD"])
+def result_lines(out):
+    """evaluate.py's result lines -> {name: value}: "FID 1.5" -> {"FID": 1.5}, "KID 0.1 +- 0.01"
+    -> {"KID": 0.1}, the same for "random-feature FD" and "KD"."""
+    values = {}
+    for line in out.splitlines():
+        if line.startswith(("FID ", "KID ", "random-feature ")):
+            words = line.split(" +- ")[0].split(" ")
+            values[" ".join(words[:-1])] = float(words[-1])
+    return values
 
 
 def test_fid_of_a_folder_with_itself_is_zero_and_grows_with_blur_and_noise(tmp_path, capsys,
                                                                           monkeypatch):
-    """Against the folder itself FD is 0; blurring or noising the images moves it away. The
-    reference features are computed once for three evaluations, again once the folder changes."""
+    """Against the folder itself FD is 0; it grows with the blur radius and the noise level. The
+    reference features are computed once per (folder contents, size, weights): once for five
+    evaluations, again for a changed folder, another size and other weights (a file: then the
+    lines say FID and KID). With the cached mean and covariance (taken when both sets have more
+    images than features) FD is that of the features."""
     real = landscapes(6)
-    write_folder(tmp_path / "real", real)
-    write_folder(tmp_path / "blurred", [im.filter(ImageFilter.GaussianBlur(1.5)) for im in real])
-    noise = np.random.default_rng(0).normal(0, 40, (6, 32, 32, 3))
-    write_folder(tmp_path / "noised", [Image.fromarray(np.clip(np.asarray(im) + n, 0, 255)
-                                                       .astype(np.uint8)) for im, n in
-                                       zip(real, noise)])
+    rng = np.random.default_rng(0)
+    variants = {"real": real}
+    for radius in (1, 3):
+        variants[f"blur{radius}"] = [im.filter(ImageFilter.GaussianBlur(radius)) for im in real]
+    for level in (20, 80):
+        variants[f"noise{level}"] = [Image.fromarray(np.clip(np.asarray(im) + rng.normal(
+            0, level, (32, 32, 3)), 0, 255).astype(np.uint8)) for im in real]
+    variants["small"] = [im.resize((16, 16), Image.BILINEAR) for im in real]
+    for name, images in variants.items():
+        write_folder(tmp_path / name, images)
     calls = []
     features = evaluate.inception_features
     monkeypatch.setattr(evaluate, "inception_features",
                         lambda net, images, b, desc: calls.append(desc) or features(net, images,
                                                                                     b, desc))
-    common = ["--reference", tmp_path / "real", "--inception_weights", "random",
-              "--kid_subset_size", 4, "--kid_subsets", 10, "--cache_dir", tmp_path / "cache"]
-    fd = {}
-    for name in ("real", "blurred", "noised"):
-        status, out, err = run(["--samples", tmp_path / name, "--output_dir", tmp_path / "out" /
-                                name] + common, capsys)
+
+    def fd(name, *flags, lines=("random-feature FD", "random-feature KD")):
+        status, out, err = testing_utils.run_main(evaluate, [
+            "--samples", tmp_path / name, "--reference", tmp_path / "real", "--kid_subset_size",
+            4, "--kid_subsets", 10, "--cache_dir", tmp_path / "cache", "--inception_weights",
+            "random", "--output_dir", tmp_path / "out" / name, *flags], capsys)
         assert status == 0, err
-        fd[name] = score(out)[0]
-    assert calls.count("reference features") == 1 and calls.count("sample features") == 3
-    assert abs(fd["real"]) < 1e-6 * fd["blurred"] and fd["blurred"] > 0 and fd["noised"] > 0
-    metrics = json.loads((tmp_path / "out" / "noised" / "metrics.json").read_text())
-    assert metrics["random_feature_fd"] == pytest.approx(fd["noised"], rel=1e-3)
+        values = result_lines(out)
+        assert sorted(values) == sorted(lines), out
+        return values[lines[0]]
+    scores = {name: fd(name) for name in ("real", "blur1", "blur3", "noise20", "noise80")}
+    assert calls.count("reference features") == 1 and calls.count("sample features") == 5
+    assert abs(scores["real"]) < 1e-6 * scores["blur1"]
+    assert scores["blur1"] < scores["blur3"] and 0 < scores["noise20"] < scores["noise80"]
+    metrics = json.loads((tmp_path / "out" / "noise80" / "metrics.json").read_text())
+    assert metrics["random_feature_fd"] == pytest.approx(scores["noise80"], rel=1e-3)
     assert (metrics["num_samples"], metrics["num_reference"], metrics["resolution"]) == \
         (6, 6, "32x32") and "fid" not in metrics
-    assert (tmp_path / "out" / "noised" / "metrics.md").read_text().count("\n") == 3
+    assert (tmp_path / "out" / "noise80" / "metrics.md").read_text().count("\n") == 3
+    with monkeypatch.context() as patch:
+        patch.setattr(inception, "FEATURES", 4)                     # 6 images > 4 "features"
+        assert fd("noise80") == pytest.approx(scores["noise80"], rel=1e-6)
+    assert calls.count("reference features") == 1
+    fd("small")                                                     # the reference at 16 x 16
+    assert calls.count("reference features") == 2
+    weights = tmp_path / "weights.pth"
+    torch.save(inception.InceptionV3(seed=1).state_dict(), weights)
+    assert fd("real", "--inception_weights", weights, lines=("FID", "KID")) < 1e-6
+    assert calls.count("reference features") == 3
     real[0].transpose(Image.FLIP_LEFT_RIGHT).save(tmp_path / "real" / "00000.png")
     os.utime(tmp_path / "real" / "00000.png", ns=(1, 1))             # a changed file
-    status, out, err = run(["--samples", tmp_path / "real", "--output_dir", tmp_path / "out" /
-                            "again"] + common, capsys)
-    assert status == 0, err
-    assert calls.count("reference features") == 2
-    assert abs(score(out)[0]) < 1e-6 * fd["blurred"]                # the new reference
+    assert abs(fd("real")) < 1e-6 * scores["blur1"]                # against the new reference
+    assert calls.count("reference features") == 4
 
 
-def test_a_checkpoint_is_sampled_by_its_own_script_whatever_the_batch(tmp_path, capsys):
-    """A patch_ddpm.py checkpoint (ddpm.py would refuse it) is sampled by patch_ddpm.py: the
-    same images, hence the same numbers, in batches of 2 and of 4; the record says how."""
+def test_a_checkpoint_is_sampled_by_its_own_script_whatever_the_batch(tmp_path, capsys,
+                                                                      monkeypatch):
+    """A patch_ddpm.py checkpoint is sampled by patch_ddpm.main (ddpm.py would refuse it): the
+    same images, hence the same numbers, in batches of 2 and of 4; the record says how. A second
+    evaluation of fewer samples into the same folder scores only its own."""
     tiny = ["--image_size", "16", "--patch_divider", "2", "--base_channels", "8",
             "--channel_mults", "1,2", "--attention_resolutions", "4", "--num_heads", "2",
             "--batch_size", "4", "--procedural_size", "8", "--timesteps", "100",
             "--preview_samples", "2", "--preview_steps", "2", "--cache_dir", tmp_path / "cache"]
     run_dir = testing_utils.train_run(patch_ddpm, tiny, tmp_path, "run")
     checkpoint = os.path.join(run_dir, "checkpoints", "last.pt")
-    common = ["--checkpoint", checkpoint, "--num_samples", 5, "--inception_weights", "random",
-              "--kid_subset_size", 3, "--kid_subsets", 4, "--reference_size", 6,
-              "--sampling_steps", 3, "--cache_dir", tmp_path / "cache"]
+    calls, sample_main = [], patch_ddpm.main
+    monkeypatch.setattr(patch_ddpm, "main", lambda argv: calls.append(argv) or sample_main(argv))
+    common = ["--checkpoint", checkpoint, "--inception_weights", "random", "--kid_subset_size",
+              3, "--kid_subsets", 4, "--reference_size", 6, "--sampling_steps", 3,
+              "--cache_dir", tmp_path / "cache"]
     results = []
-    for batch in (2, 4):
-        out_dir = tmp_path / f"eval{batch}"
-        status, out, err = run(common + ["--batch_size", batch, "--output_dir", out_dir], capsys)
+    for batch, count, out_dir in ((2, 5, "eval2"), (4, 5, "eval4"), (4, 3, "eval4")):
+        status, out, err = testing_utils.run_main(evaluate, common + [
+            "--batch_size", batch, "--num_samples", count, "--output_dir", tmp_path / out_dir],
+            capsys)
         assert status == 0, err
-        images = [np.asarray(Image.open(out_dir / "samples" / f"{i:05d}.png")) for i in range(5)]
-        results.append((score(out), images, json.loads((out_dir / "metrics.json").read_text())))
-    (fd2, kd2), images2, record = results[0]
-    assert all(np.array_equal(a, b) for a, b in zip(images2, results[1][1]))
-    assert results[1][0][0] == pytest.approx(fd2, rel=1e-6)
+        images = [np.asarray(Image.open(tmp_path / out_dir / "samples" / f"{i:05d}.png"))
+                  for i in range(count)]
+        results.append((result_lines(out)["random-feature FD"], images,
+                        json.loads((tmp_path / out_dir / "metrics.json").read_text())))
+    assert len(calls) == 3 and all(c[:3] == ["--sample", "--checkpoint", checkpoint]
+                                   for c in calls)
+    (fd2, images2, record), (fd4, images4, _), (_, _, fewer) = results
+    assert all(np.array_equal(a, b) for a, b in zip(images2, images4))
+    assert fd4 == pytest.approx(fd2, rel=1e-6)
     assert (record["method"], record["sampler"], record["sampling_steps"], record["num_samples"]) \
         == ("patch_ddpm", "ddim", 3, 5)
-    assert record["sampling_seconds"] > 0 and record["sampling_peak_memory_mib"] > 0
+    assert fewer["num_samples"] == 3
 
 
 @pytest.mark.parametrize("case", ["weights missing", "offline", "empty folder", "too few for KID",
-                                  "two sizes", "not a checkpoint"])
-def test_user_errors_are_one_line(case, tmp_path, capsys, monkeypatch):
+                                  "two sizes", "not a checkpoint", "bad reference"])
+def test_user_errors_are_one_line_before_any_work(case, tmp_path, capsys, monkeypatch):
+    """Exit status 2, one line that names what is wrong (a path, a count), and no sampling or
+    feature computed first."""
     write_folder(tmp_path / "samples", landscapes(3, 16))
     argv = ["--samples", tmp_path / "samples", "--kid_subset_size", 2, "--cache_dir",
             tmp_path / "cache", "--output_dir", tmp_path / "out", "--inception_weights", "random"]
+    named = str(tmp_path / "samples")
     if case == "weights missing":
         argv += ["--inception_weights", tmp_path / "nowhere.pth"]
+        named = str(tmp_path / "nowhere.pth")
     elif case == "offline":                                          # the download fails
         monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
         monkeypatch.setattr(inception, "WEIGHTS_URL", "http://127.0.0.1:9/pt_inception.pth")
-        argv = argv[:-2]
+        argv, named = argv[:-2], "http://127.0.0.1:9/pt_inception.pth"
     elif case == "empty folder":
         (tmp_path / "empty").mkdir()
-        argv[1] = tmp_path / "empty"
+        argv[1] = named = str(tmp_path / "empty")
     elif case == "too few for KID":
         argv += ["--kid_subset_size", 4]
+        named = "3 samples"
     elif case == "two sizes":
         landscapes(1, 24)[0].save(tmp_path / "samples" / "odd.png")
-    else:
+        named = str(tmp_path / "samples" / "odd.png")
+    elif case == "not a checkpoint":
         (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
         argv[:2] = ["--checkpoint", tmp_path / "bad.pt"]
-    status, out, err = run(argv, capsys)
+        named = str(tmp_path / "bad.pt")
+    else:
+        (tmp_path / "no images").mkdir()
+        argv += ["--reference", tmp_path / "no images"]
+        named = str(tmp_path / "no images")
+    monkeypatch.setattr(evaluate, "inception_features", None)       # never reached
+    status, out, err = testing_utils.run_main(evaluate, argv, capsys)
     if case == "offline":                          # the line that says what it downloads first
         download, err = err.split("\n", 1)
-        assert "http://127.0.0.1:9/pt_inception.pth" in download
+        assert named in download
     testing_utils.assert_user_error(EVALUATE, status, err)
+    assert named in err
 
 
 def test_compare_methods_runs_end_to_end_and_never_names_another_number_fid(tmp_path):
@@ -231,7 +288,7 @@ def test_compare_methods_runs_end_to_end_and_never_names_another_number_fid(tmp_
     ddpm_row, real_row = rows[1], rows[2]
     assert ddpm_row[0] == "| `ddpm.py`" and int(ddpm_row[2]) >= 1 and ddpm_row[6] == "ddim x 3"
     assert ddpm_row[9:11] == ["not computed"] * 2 and float(ddpm_row[11].rstrip(" |")) > 0
-    assert real_row[0] == "| real images" and real_row[9] == "not computed"
+    assert real_row[0] == "| real images (16x16)" and real_row[9] == "not computed"
     assert float(real_row[11].rstrip(" |")) < float(ddpm_row[11].rstrip(" |"))
     assert len(os.listdir(tmp_path / "work" / "ddpm" / "samples")) == 4 + 1       # and grid.png
     args = argparse.Namespace(image_size="64", dataset_path=None, procedural_size=8, seed=0,
