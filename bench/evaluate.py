@@ -34,7 +34,8 @@ of images, the sampler and its steps, the seconds taken and the device.
   ||mu_1 - mu_2||^2 + tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2)), in float64.
   It is biased upwards at small N (the papers use 50,000 samples): compare only numbers taken with
   the same N and the same reference.
-- **KID** (Binkowski et al. 2018, https://arxiv.org/abs/1801.01401, Sec. 4): the unbiased squared MMD
+- **KID** (Binkowski et al. 2018, https://arxiv.org/abs/1801.01401, Sec. 4): the unbiased
+  squared MMD
   with the kernel k(x, y) = (x.y / d + 1)^3, d = 2048, on --kid_subsets random subsets of
   --kid_subset_size images of each set (defaults 100 and 1,000, as torch-fidelity); its mean and
   standard deviation over the subsets.
@@ -68,7 +69,7 @@ from ddpm import UserError  # noqa: E402
 METHODS = ("ddpm", "patch_ddpm", "patchify_ddpm", "patch_diffusion", "patch_dm")
 NOT_SAMPLES = ("grid.png", "trajectory.gif")        # what --sample writes beside its samples
 WEIGHTS_SHA256_PREFIX = "6726825d"                  # in the file's name, as torch.hub names files
-FEATURES_VERSION = 1                                # in the cache key: raise it when features change
+FEATURES_VERSION = 1                                # in the cache key: raise it with the features
 
 
 class ScriptFailed(Exception):
