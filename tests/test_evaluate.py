@@ -286,7 +286,9 @@ def test_compare_methods_runs_end_to_end_and_never_names_another_number_fid(tmp_
     assert compare_methods.main(argv) == 0
     rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| ")]
     ddpm_row, real_row = rows[1], rows[2]
-    assert ddpm_row[0] == "| `ddpm.py`" and int(ddpm_row[2]) >= 1 and ddpm_row[6] == "ddim x 3"
+    trained = testing_utils.load(tmp_path / "work" / "ddpm" / "run" / "checkpoints" / "last.pt")
+    assert ddpm_row[0] == "| `ddpm.py`" and int(ddpm_row[2]) == trained["step"]
+    assert ddpm_row[6] == "ddim x 3"
     assert ddpm_row[9:11] == ["not computed"] * 2 and float(ddpm_row[11].rstrip(" |")) > 0
     assert real_row[0] == "| real images (16x16)" and real_row[9] == "not computed"
     assert float(real_row[11].rstrip(" |")) < float(ddpm_row[11].rstrip(" |"))
