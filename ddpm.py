@@ -141,12 +141,13 @@ class AttentionBlock(nn.Module):
 
 class UNet(nn.Module):
     """The network of Ho et al. in ADM's form, out_theta(x_t, t, y, emb). Per encoder level
-    `num_res_blocks` ResBlocks (+ attention where the shorter side is in `attention_resolutions`)
-    and a stride-2 convolution; middle: ResBlock, attention, ResBlock; per decoder level one more
-    ResBlock, each fed one stored encoder activation, then nearest upsampling and a 3x3 conv; out:
-    GN, SiLU, a zero-initialised conv (the untrained network outputs 0). Every ResBlock's
-    scale/shift comes from MLP(sinusoid(t)) + class_emb(y) + `emb` (B, 4 * base_channels), the
-    door for a method's own conditioning. Label `num_classes` is guidance's null label (no y)."""
+    `num_res_blocks` ResBlocks (+ attention where the shorter side is in
+    `attention_resolutions`) and a stride-2 convolution; middle: ResBlock, attention,
+    ResBlock; per decoder level one more ResBlock, each fed one stored encoder activation,
+    then nearest upsampling and a 3x3 conv; out: GN, SiLU, a zero-initialised conv (the
+    untrained network outputs 0). Every ResBlock's scale/shift comes from MLP(sinusoid(t)) +
+    class_emb(y) + `emb` (B, 4 * base_channels), the door for a method's own conditioning.
+    Label `num_classes` is guidance's null label (no y)."""
 
     def __init__(self, in_channels=3, out_channels=3, base_channels=64, channel_mults=(1, 2, 2),
                  num_res_blocks=1, attention_resolutions=(8,), num_heads=4, dropout=0.0,
@@ -175,7 +176,8 @@ class UNet(nn.Module):
                 self.down.append(nn.ModuleList([nn.Conv2d(ch, ch, 3, stride=2, padding=1)]))
                 skips.append(ch)
                 side //= 2
-        self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim, dropout), AttentionBlock(ch, num_heads),
+        self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim, dropout),
+                                  AttentionBlock(ch, num_heads),
                                   ResBlock(ch, ch, emb_dim, dropout)])
         for i, width in reversed(list(enumerate(widths))):
             for _ in range(num_res_blocks + 1):

@@ -1,4 +1,5 @@
-"""Patch-DM: images of any size from a U-Net that only ever sees patches, seamless by feature collage.
+"""Patch-DM: images of any size from a U-Net that only ever sees patches, seamless by feature
+collage.
 
 Paper
     Ding, Zhang, Wu, Tu. "Patched Denoising Diffusion Models For High-Resolution Image Synthesis."
@@ -6,6 +7,11 @@ Paper
     Built on DiffAE: Preechakul, Chatthee, Wizadwongsa, Suwajanakorn. "Diffusion Autoencoders:
     Toward a Meaningful and Decodable Representation." CVPR 2022. https://arxiv.org/abs/2111.15640
     Original code: github.com/mlpc-ucsd/Patch-DM (built on github.com/phizaz/diffae).
+    Figures are numbered as in arXiv 2308.01316v1, whose Fig. 1 is a 1024 x 512 image from a
+    148M-parameter model trained on 21k nature images, and whose Fig. 2 sets (a) independent
+    patches (seams), (b) shifted windows collaged in pixel space and (c) feature collage side by
+    side. Section and equation numbers are not cited: this file was written without the paper's
+    full text at hand, from its abstract, figures and the original code.
 
 What this file adds over ddpm.py
     An H x W image (multiples of the patch size p, --patch_size) is an N x M grid of patches.
@@ -25,8 +31,9 @@ What this file adds over ddpm.py
     model on the learned codes, so that sampling draws new ones (DiffAE's latent DDIM).
     Sampling at any multiple of p, larger than the training images too: every DDIM step runs
     the network on the padded grid, in windows of at most --patch_batch patches, which gives
-    exactly the one-batch result at a memory that does not grow with the image.
-    Own flags: --patch_size, --collage (--no_collage: the independent-patches ablation), --cfg,
+    exactly the one-batch result at a memory that does not grow with the image (the abstract
+    claims less memory than full-image diffusion; the original code's grows with the pixels).
+    Own flags: --patch_size, --collage (--no_collage: Fig. 2 (a)'s independent patches), --cfg,
     --patch_batch, --code_from, --preview_size, --latent_steps, --latent_batch_size,
     --latent_lr, --latent_weight_decay, --latent_width, --latent_layers,
     --latent_sampling_steps.
@@ -206,7 +213,7 @@ class AttentionBlock(nn.Module):
         return x + self.proj(out)
 
 
-CODE_DIM = 512                   # the semantic code's width: CLIP ViT-B/16's, which the paper uses
+CODE_DIM = 512                   # the semantic code's width: CLIP ViT-B/16's (the original's init)
 POSITION_DIM = 64                # sinusoid width of a patch's row, and of its column
 
 
@@ -234,12 +241,13 @@ class CodeResBlock(ResBlock):
 # Copied from ddpm.UNet with UNet->CodeUNet, ResBlock->CodeResBlock
 class CodeUNet(nn.Module):
     """The network of Ho et al. in ADM's form, out_theta(x_t, t, y, emb). Per encoder level
-    `num_res_blocks` CodeResBlocks (+ attention where the shorter side is in `attention_resolutions`)
-    and a stride-2 convolution; middle: CodeResBlock, attention, CodeResBlock; per decoder level one more
-    CodeResBlock, each fed one stored encoder activation, then nearest upsampling and a 3x3 conv; out:
-    GN, SiLU, a zero-initialised conv (the untrained network outputs 0). Every CodeResBlock's
-    scale/shift comes from MLP(sinusoid(t)) + class_emb(y) + `emb` (B, 4 * base_channels), the
-    door for a method's own conditioning. Label `num_classes` is guidance's null label (no y)."""
+    `num_res_blocks` CodeResBlocks (+ attention where the shorter side is in
+    `attention_resolutions`) and a stride-2 convolution; middle: CodeResBlock, attention,
+    CodeResBlock; per decoder level one more CodeResBlock, each fed one stored encoder activation,
+    then nearest upsampling and a 3x3 conv; out: GN, SiLU, a zero-initialised conv (the
+    untrained network outputs 0). Every CodeResBlock's scale/shift comes from MLP(sinusoid(t)) +
+    class_emb(y) + `emb` (B, 4 * base_channels), the door for a method's own conditioning.
+    Label `num_classes` is guidance's null label (no y)."""
 
     def __init__(self, in_channels=3, out_channels=3, base_channels=64, channel_mults=(1, 2, 2),
                  num_res_blocks=1, attention_resolutions=(8,), num_heads=4, dropout=0.0,
@@ -268,7 +276,8 @@ class CodeUNet(nn.Module):
                 self.down.append(nn.ModuleList([nn.Conv2d(ch, ch, 3, stride=2, padding=1)]))
                 skips.append(ch)
                 side //= 2
-        self.mid = nn.ModuleList([CodeResBlock(ch, ch, emb_dim, dropout), AttentionBlock(ch, num_heads),
+        self.mid = nn.ModuleList([CodeResBlock(ch, ch, emb_dim, dropout),
+                                  AttentionBlock(ch, num_heads),
                                   CodeResBlock(ch, ch, emb_dim, dropout)])
         for i, width in reversed(list(enumerate(widths))):
             for _ in range(num_res_blocks + 1):
@@ -426,7 +435,7 @@ class PatchUNet(CodeUNet):
             for i, f in enumerate(features):                        # one level at a time: the
                 features[i] = feature_collage(f, R, Q)              # original is freed at once
             out = chunked(self.decode, chunk, emb, *features)       # (B (R-1)(Q-1), 3, p, p)
-        else:                                          # Fig. 2 (a): the same geometry in pixels
+        else:                  # Fig. 2 (a): independent patches, their borders kept as seams
             out = feature_collage(own, R, Q)
         out = merge_patches(out, R - 1, Q - 1)                      # (B, 3, (R - 1) p, (Q - 1) p)
         return (out, merge_patches(own, R, Q)) if plain else out
@@ -668,7 +677,8 @@ CODE_DROP, POSITION_DROP = 0.1, 0.5
 
 
 class PatchDiffusion(GaussianDiffusion):
-    """GaussianDiffusion trained on 2 x 2 blocks of padded-grid patches, with Patch-DM's two terms."""
+    """GaussianDiffusion trained on 2 x 2 blocks of padded-grid patches, with Patch-DM's two
+    terms."""
 
     def __init__(self, betas, patch_size, cfg, **options):
         super().__init__(betas, **options)

@@ -90,7 +90,8 @@ ROWS = [
 # middle block only, so no level changes with the patch size) for every patch divider N, batch 8.
 # K = --patch_batch: 1 runs one patch position at a time (the memory-saving mode), 0 all N*N
 # positions in one batched pass (what the original code does). N = 1 is the plain DDPM baseline.
-PATCH_UNET = "--base_channels 32 --channel_mults 1,2,2 --num_res_blocks 1 --attention_resolutions ''"
+PATCH_UNET = ("--base_channels 32 --channel_mults 1,2,2 --num_res_blocks 1 "
+              "--attention_resolutions ''")
 for _size in (128, 256):
     for _n in (1, 2, 4, 8):
         for _k in ((1,) if _n == 1 else (1, 0)):

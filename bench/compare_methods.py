@@ -11,7 +11,9 @@ for all (default 32 with quick; with paper, each paper's own resolution, and the
 each), with the same --seed. patchify_ddpm.py's quick patch size (8, for 256 px) is replaced by
 side / 16, so that its U-Net sees a 16 x 16 grid at any size.
 
-1. **Training for --minutes.** A 30-step run measures the seconds per step; the run itself then
+1. **Training for --minutes.** A 50-step run measures the seconds per step, by the wall clock
+   between its logs at steps 10 and 50 (the cost of a step, not of the images it counts: a
+   Patch Diffusion step has f times --batch_size crops of side R/f); the run itself then
    gets the steps that fill the minutes (its learning-rate schedule ends with them; no preview
    grids). patch_dm.py's second phase, the latent model's --latent_steps, comes after the
    U-Net's minutes: it is in the wall time, not in the budget. From the run's TensorBoard
@@ -52,7 +54,7 @@ import evaluate  # noqa: E402
 import report  # noqa: E402
 from evaluate import ROOT, UserError, ddpm  # noqa: E402
 
-CALIBRATION_STEPS = 30
+CALIBRATION_STEPS = 50                          # the rate is timed over steps 10 to 50
 
 
 def data_flags(args):
@@ -72,11 +74,11 @@ def method_flags(method, args):
     return flags + shlex.split(args.train_flags)
 
 
-def scalars(run_dir, tag):
-    """[(step, value)] of one TensorBoard scalar of a run."""
+def scalars(run_dir, tag, wall_time=False):
+    """[(step, value)] (or [(step, wall time)]) of one TensorBoard scalar of a run."""
     events = EventAccumulator(run_dir)
     events.Reload()
-    return [(e.step, e.value) for e in events.Scalars(tag)]
+    return [(e.step, e.wall_time if wall_time else e.value) for e in events.Scalars(tag)]
 
 
 def train_run(method, args, out, steps, log, *extra):
@@ -99,11 +101,9 @@ def train(method, args):
     calibration = os.path.join(work, "calibration")
     train_run(method, args, calibration, CALIBRATION_STEPS, calibration + ".log",
               *(["--latent_steps", "10"] if method == "patch_dm" else []))
-    rate = [r for r in scalars(calibration, "train/images_per_sec")     # the last U-Net window
-            if r[0] <= CALIBRATION_STEPS][-1]
-    config = json.load(open(os.path.join(calibration, "args.json")))
-    batch = config["batch_size"] * config["accumulation_iters"]
-    steps = max(1, int(args.minutes * 60 * rate[1] / batch))
+    logged = dict(scalars(calibration, "train/loss", wall_time=True))   # step -> when logged
+    seconds_per_step = (logged[CALIBRATION_STEPS] - logged[10]) / (CALIBRATION_STEPS - 10)
+    steps = max(1, int(args.minutes * 60 / seconds_per_step))
     seconds = train_run(method, args, os.path.join(work, "run"), steps,
                         os.path.join(work, "run.log"))
     run = os.path.join(work, "run")
@@ -235,14 +235,15 @@ def table(args, rows, real, why_not):
 
 def main(argv=None):
     p = ddpm.Parser(prog="bench/compare_methods.py", description=__doc__.split("\n")[0],
-                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    formatter_class=evaluate.HelpFormatter)
     pos, real = ddpm.at_least(1), ddpm.at_least(0.0, float)
     p.add_argument("--methods", nargs="+", choices=evaluate.METHODS, default=evaluate.METHODS,
                    help="the scripts to compare")
     p.add_argument("--dataset_path", help="image folder (default: the built-in landscapes)")
     p.add_argument("--procedural_size", type=pos, default=1024, help="built-in images")
     p.add_argument("--reference", help="the scores' real images (default: the training data)")
-    p.add_argument("--preset", choices=["quick", "paper"], default="quick")
+    p.add_argument("--preset", choices=["quick", "paper"], default="quick",
+                   help="every method's preset")
     p.add_argument("--image_size", help="one size for all (default: 32 with quick, each "
                    "paper's with paper)")
     p.add_argument("--minutes", type=real, default=5.0, help="U-Net training per method")

@@ -151,10 +151,12 @@ def group_norm_act(x, weight, bias, num_groups, eps=1e-5, scale=None, shift=None
     if act not in ("silu", None):
         raise ValueError(f"act must be 'silu' or None; got {act!r}")
     if x.dim() < 2 or x.shape[1] % num_groups != 0:
-        raise ValueError(f"num_groups={num_groups} must divide the channels of x, shape {tuple(x.shape)}")
+        raise ValueError(f"num_groups={num_groups} must divide the channels of x, "
+                         f"shape {tuple(x.shape)}")
     batch, channels = x.shape[:2]
-    for name, t, shape in (("weight", weight, (channels,)), ("bias", bias, (channels,)),
-                           ("scale", scale, (batch, channels)), ("shift", shift, (batch, channels))):
+    per_channel, per_image = (channels,), (batch, channels)
+    for name, t, shape in (("weight", weight, per_channel), ("bias", bias, per_channel),
+                           ("scale", scale, per_image), ("shift", shift, per_image)):
         if t is not None and tuple(t.shape) != shape:
             raise ValueError(f"{name} must have shape {shape} for x of shape {tuple(x.shape)}; "
                              f"got {tuple(t.shape)}")

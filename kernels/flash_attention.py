@@ -197,7 +197,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, dO, dK, dV, LSE, Delta,
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=DOT_PRECISION)
 
-    out_offsets = batch_head.to(tl.int64) * n_kv * HEAD_DIM + kv_rows[:, None] * HEAD_DIM + dims[None, :]
+    out_offsets = (batch_head.to(tl.int64) * n_kv * HEAD_DIM + kv_rows[:, None] * HEAD_DIM
+                   + dims[None, :])
     tl.store(dK + out_offsets, (dk * sm_scale).to(dK.dtype.element_ty), mask=in_kv)
     tl.store(dV + out_offsets, dv.to(dV.dtype.element_ty), mask=in_kv)
 
@@ -247,7 +248,8 @@ def _attn_bwd_dq_kernel(Q, K, V, dO, dQ, LSE, Delta,
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=DOT_PRECISION)
 
-    out_offsets = batch_head.to(tl.int64) * n_q * HEAD_DIM + rows[:, None] * HEAD_DIM + dims[None, :]
+    out_offsets = (batch_head.to(tl.int64) * n_q * HEAD_DIM + rows[:, None] * HEAD_DIM
+                   + dims[None, :])
     tl.store(dQ + out_offsets, (dq * sm_scale).to(dQ.dtype.element_ty), mask=in_q[:, None])
 
 
@@ -262,7 +264,8 @@ _DELTA_BLOCK = 64
 
 
 def _fit(block, length):
-    """Shrink a block to the sequence (short sequences waste no lanes), but keep tl.dot's minimum 16."""
+    """Shrink a block to the sequence (short sequences waste no lanes), but keep tl.dot's
+    minimum of 16."""
     return max(16, min(block, triton.next_power_of_2(length)))
 
 
@@ -307,7 +310,8 @@ def _launch_configs(n_q, n_kv, head_dim, dtype):
 
 
 def _dot_precision(dtype):
-    """fp32 stays IEEE fp32 (not TF32); 16-bit inputs always use tensor cores, "tf32" is the default."""
+    """fp32 stays IEEE fp32 (not TF32); 16-bit inputs always use tensor cores, "tf32" is the
+    default."""
     return "ieee" if dtype == torch.float32 else "tf32"
 
 

@@ -40,7 +40,7 @@ def group_norm_act(x, weight, bias, num_groups, eps=1e-5, scale=None, shift=None
 def attention(q, k, v, scale=None):
     """softmax(q k^T * scale) v for (B, heads, N, d) tensors, non-causal; scale defaults to d**-0.5.
 
-    PyTorch's scaled_dot_product_attention picks the fastest backend it has (flash, memory-efficient,
-    cuDNN or the plain math one); all of them compute the softmax in fp32.
+    PyTorch's scaled_dot_product_attention picks the fastest backend it has (flash,
+    memory-efficient, cuDNN or the plain math one); all of them compute the softmax in fp32.
     """
     return F.scaled_dot_product_attention(q, k, v, scale=scale)

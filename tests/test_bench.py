@@ -1,5 +1,6 @@
 """bench/bench_methods.py, bench/bench_kernels.py, bench/compare_peer.py and
-bench/patch_diffusion_claims.py and bench/patch_dm_claims.py run end to end, the kernels' targets are judged correctly, and
+bench/patch_diffusion_claims.py and bench/patch_dm_claims.py run end to end, the kernels'
+targets are judged correctly, and
 compare_peer's and patch_diffusion_claims' metrics are right (no timing is asserted: speed lives
 in bench/)."""
 

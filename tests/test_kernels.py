@@ -39,7 +39,7 @@ gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 
 def assert_rel_l2(actual, expected, tol, what):
-    """||actual - expected|| <= tol * ||expected||, in float64 (an exact zero: ||actual|| <= tol)."""
+    """||actual - expected|| <= tol * ||expected|| in float64 (exact zero: ||actual|| <= tol)."""
     actual, expected = actual.double(), expected.double()
     assert torch.isfinite(actual).all(), f"{what}: non-finite values"
     error = (actual - expected).norm().item()
@@ -157,8 +157,8 @@ def group_norm_inputs(batch, channels, spatial, affine, modulation, dtype, offse
     x = randn(batch, channels, *spatial, dtype=dtype, std=2.0, mean=offset)
     weight = randn(channels, std=0.5, mean=1.0) if affine in ("both", "weight") else None
     bias = randn(channels, std=0.5) if affine == "both" else None
-    scale = randn(batch, channels, dtype=dtype, std=0.3) if modulation in ("both", "scale") else None
-    shift = randn(batch, channels, dtype=dtype, std=0.3) if modulation in ("both", "shift") else None
+    scale, shift = (randn(batch, channels, dtype=dtype, std=0.3) if modulation in ("both", which)
+                    else None for which in ("scale", "shift"))
     return x, weight, bias, scale, shift
 
 
@@ -483,7 +483,8 @@ def test_triton_backend_runs_every_kernel(backend, launches):
     outputs, expected = run_both_ops()
     assert set(launches) == {
         "_forward_kernel", "_backward_kernel",
-        "_attn_fwd_kernel", "_attn_bwd_delta_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel",
+        "_attn_fwd_kernel", "_attn_bwd_delta_kernel", "_attn_bwd_dkdv_kernel",
+        "_attn_bwd_dq_kernel",
     }
     for out, ref in zip(outputs, expected):
         assert_rel_l2(out, ref, 1e-5, "triton backend vs reference")

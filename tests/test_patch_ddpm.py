@@ -344,7 +344,8 @@ def test_learns_the_colour_of_every_patch_position(tmp_path):
         "--dataset_path", str(tmp_path / "data"), "--cache_dir", str(tmp_path / "cache"),
         "--output_dir", run, "--image_size", "8", "--patch_divider", "2", "--patch_batch", "0",
         "--no_hflip", "--base_channels", "32", "--channel_mults", "1,2", "--attention_resolutions",
-        "2", "--prediction", "eps", "--batch_size", "32", "--max_steps", steps, "--lr", "2e-3", "--warmup_steps", "20",
+        "2", "--prediction", "eps", "--batch_size", "32", "--max_steps", steps, "--lr", "2e-3",
+        "--warmup_steps", "20",
         "--ema_decay", "0.99", "--ema_start", "50", "--timesteps", "200", "--save_every", steps,
         "--sample_every", steps, "--preview_samples", "1", "--preview_steps", "1"]) == 0
     assert patch_ddpm.main(["--sample", "--checkpoint", os.path.join(run, "checkpoints", "last.pt"),
