@@ -4,7 +4,14 @@ import os
 import sys
 
 import pytest
-import torch
+
+# Under pytest-xdist (`-n 2`, set in pytest.ini) each worker process gets one thread, and so do the
+# scripts the tests start: two workers of two threads each on the 2-core CI machine spend their
+# time waiting for each other (OpenMP threads spin), which made the suite slower than one worker.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+import torch  # noqa: E402  (after OMP_NUM_THREADS, which torch reads when it is imported)
 
 # Without a GPU, run the Triton kernels in Triton's CPU interpreter. Triton reads this when the
 # kernels are defined, so it must be set before anything imports triton (or `kernels`).
