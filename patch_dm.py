@@ -123,9 +123,7 @@ class UserError(Exception):
     """A mistake in the user's input: main() prints it as one line and exits with status 2."""
 
 
-# ------------------------------------------------------------------------------------------------
-# Model
-# ------------------------------------------------------------------------------------------------
+# --- Model ----------------------------------------------------------------------------------------
 
 
 # Copied from ddpm.timestep_embedding
@@ -207,10 +205,8 @@ class AttentionBlock(nn.Module):
         qkv = self.qkv(self.norm(x))                                # (B, 3C, H, W)
         qkv = qkv.reshape(b, 3, self.num_heads, c // self.num_heads, h * w)  # (B, 3, heads, d, N)
         q, k, v = qkv.permute(1, 0, 2, 4, 3).unbind(0)              # 3 x (B, heads, N, d)
-        out = kernels.attention(q, k, v)                            # (B, heads, N, d)
-        out = out.permute(0, 1, 3, 2)                               # (B, heads, d, N)
-        out = out.reshape(b, c, h, w)                               # (B, C, H, W)
-        return x + self.proj(out)
+        out = kernels.attention(q, k, v).transpose(2, 3)            # (B, heads, d, N)
+        return x + self.proj(out.reshape(b, c, h, w))               # (B, C, H, W)
 
 
 CODE_DIM = 512                   # the semantic code's width: CLIP ViT-B/16's (the original's init)
@@ -510,9 +506,7 @@ def build_model(args):
     return PatchDM(unet, LatentMLP(args.latent_width, args.latent_layers))
 
 
-# ------------------------------------------------------------------------------------------------
-# Diffusion math
-# ------------------------------------------------------------------------------------------------
+# --- Diffusion math -------------------------------------------------------------------------------
 
 
 # Copied from ddpm.make_beta_schedule
@@ -531,16 +525,13 @@ def make_beta_schedule(kind, timesteps, beta_end=0.02, zero_terminal_snr=False):
         betas = torch.linspace(scale * 1e-4, scale * beta_end, timesteps, dtype=torch.float64)
     else:
         steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
-        if kind == "cosine":
-            f = torch.cos((steps + 0.008) / 1.008 * math.pi / 2) ** 2
-        else:
-            f = 1 / (1 + math.exp(-3)) - torch.sigmoid(6 * steps - 3)
+        f = (torch.cos((steps + 0.008) / 1.008 * math.pi / 2) ** 2 if kind == "cosine"
+             else 1 / (1 + math.exp(-3)) - torch.sigmoid(6 * steps - 3))
         betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)               # f[0] cancels in the ratio
     if not zero_terminal_snr:
         return betas
     root = torch.cumprod(1 - betas, 0).sqrt()
-    root = (root - root[-1]) * root[0] / (root[0] - root[-1])
-    alpha_bar = root ** 2
+    alpha_bar = ((root - root[-1]) * root[0] / (root[0] - root[-1])) ** 2
     return 1 - alpha_bar / torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
 
 
@@ -737,9 +728,7 @@ def code_statistics(table):
     return table.mean(0), table.std(0, unbiased=False).clamp(min=1e-6)
 
 
-# ------------------------------------------------------------------------------------------------
-# Sampling
-# ------------------------------------------------------------------------------------------------
+# --- Sampling -------------------------------------------------------------------------------------
 
 
 # Copied from ddpm.per_image_noise
@@ -940,9 +929,7 @@ def write_samples(images, trajectory, output_dir):
     print(f"wrote {len(images)} samples and grid.png to {output_dir}")
 
 
-# ------------------------------------------------------------------------------------------------
-# Data
-# ------------------------------------------------------------------------------------------------
+# --- Data -----------------------------------------------------------------------------------------
 
 # Copied from ddpm.IMAGE_EXTENSIONS
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -958,12 +945,9 @@ def procedural_landscape(index, height, width, seed=0):
     label = int(rng.integers(2))
     y = (np.arange(height)[:, None] + 0.5) / height                # (H, 1), 0 at the top
     x = (np.arange(width)[None, :] + 0.5) / width                  # (1, W)
-    if label == 0:
-        sky_top, sky_low = np.array([0.20, 0.45, 0.85]), np.array([0.70, 0.85, 0.98])
-        sun_color, rock = np.array([1.0, 0.97, 0.80]), np.array([0.30, 0.38, 0.30])
-    else:
-        sky_top, sky_low = np.array([0.18, 0.12, 0.35]), np.array([0.98, 0.55, 0.25])
-        sun_color, rock = np.array([1.0, 0.75, 0.35]), np.array([0.22, 0.15, 0.22])
+    sky_top, sky_low, sun_color, rock = np.array([                  # (day, dusk)[label]
+        [[0.20, 0.45, 0.85], [0.70, 0.85, 0.98], [1.0, 0.97, 0.80], [0.30, 0.38, 0.30]],
+        [[0.18, 0.12, 0.35], [0.98, 0.55, 0.25], [1.0, 0.75, 0.35], [0.22, 0.15, 0.22]]])[label]
     horizon = rng.uniform(0.55, 0.75)
     t = np.clip(y / horizon, 0, 1)[..., None]                       # (H, 1, 1)
     image = sky_top * (1 - t) + sky_low * t + 0 * x[..., None]      # (H, W, 3)
@@ -1054,8 +1038,8 @@ def load_image(path, height, width):
 def build_cache(base, count, height, width, decode, num_workers):
     """Decode images 0..count-1 on a thread pool (PIL releases the GIL) into `base`.npy, uint8
     (N, 3, H, W), through a memory map: the dataset never has to fit in memory. decode(i) ->
-    (image, extra) or None; failed images are dropped, `base`.json lists the kept ones and their
-    extras. The array is renamed last: an interrupted build is never taken for a finished one."""
+    (image, extra) or None; the kept images are moved to the first rows, and `base`.json lists
+    them with their extras. The array is renamed last: an interrupted build is never reused."""
     tmp, shape = f"{base}.{os.getpid()}.tmp.npy", (3, height, width)
     try:
         array = np.lib.format.open_memmap(tmp, "w+", np.uint8, (count, *shape))
@@ -1071,19 +1055,15 @@ def build_cache(base, count, height, width, decode, num_workers):
         kept = [i for i, e in enumerate(extras) if e is not None]
         if not kept:
             raise UserError(f"none of the {count} image files could be read")
-        array.flush()
-        if len(kept) < count:                                       # copy to a file of N rows
-            final = np.lib.format.open_memmap(tmp + ".npy", "w+", np.uint8, (len(kept), *shape))
-            for j, i in enumerate(kept):
-                final[j] = array[i]
-            final.flush()
-            os.replace(tmp + ".npy", tmp)
+        for j, i in enumerate(kept):                                # the kept images first
+            array[j] = array[i]                                     # (j <= i); load_dataset
+        array.flush()                                               # maps len(kept) rows
         with open(tmp + ".json", "w") as f:
             json.dump({"kept": kept, "extras": [extras[i] for i in kept]}, f)
         os.replace(tmp + ".json", base + ".json")
         os.replace(tmp, base + ".npy")
     finally:
-        for leftover in (tmp, tmp + ".npy", tmp + ".json"):
+        for leftover in (tmp, tmp + ".json"):
             if os.path.exists(leftover):
                 os.remove(leftover)
 
@@ -1104,12 +1084,9 @@ def load_images(args, rank=0, log=print):
         paths, labels, classes = find_images(root, args.class_conditional)
         count, decode = len(paths), lambda i: load_image(paths[i], h, w)
 
-        def signature(path):
-            try:
-                stat = os.stat(path)
-            except OSError:                                         # a dangling link: skipped
-                return [os.path.relpath(path, root), None, None]    # as unreadable below
-            return [os.path.relpath(path, root), stat.st_size, stat.st_mtime_ns]
+        def signature(path):                                        # a dangling link: None,
+            stat = os.stat(path) if os.path.exists(path) else None  # skipped as unreadable
+            return [os.path.relpath(path, root), stat and stat.st_size, stat and stat.st_mtime_ns]
         source = [os.path.realpath(root), [signature(p) for p in paths]]
     key = hashlib.sha256(json.dumps([source, h, w]).encode()).hexdigest()
     name = os.path.basename(os.path.abspath(root or "procedural"))
@@ -1138,7 +1115,7 @@ def load_images(args, rank=0, log=print):
         log(f"dataset: {len(info['kept'])} images from {root}, {len(bad)} skipped, "
             f"{sum(info['extras'])} upscaled to {h}x{w}"
             + (f", classes: {', '.join(classes)}" if labels else ""))
-    images = np.load(base + ".npy", mmap_mode="r")
+    images = np.load(base + ".npy", mmap_mode="r")[:len(info["kept"])]
     return (images, torch.tensor(labels), classes) if args.class_conditional else (images, None, [])
 
 
@@ -1237,9 +1214,7 @@ def save_png(array, path):
     os.replace(f"{path}.tmp.png", path)
 
 
-# ------------------------------------------------------------------------------------------------
-# Training loop
-# ------------------------------------------------------------------------------------------------
+# --- Training loop --------------------------------------------------------------------------------
 
 
 # Copied from ddpm.TrainingDiverged
@@ -1527,8 +1502,7 @@ def save_run(run, args):
              "swa": run.swa.state_dict() if run.swa is not None else None,
              "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
              "lr_scheduler": run.scheduler.state_dict(), "step": run.step, "nimg": run.nimg,
-             "args": vars(args),
-             "rng": rng, "method": METHOD, "format_version": FORMAT_VERSION}
+             "args": vars(args), "rng": rng, "method": METHOD, "format_version": FORMAT_VERSION}
     for name in (f"step_{run.step}.pt", "last.pt"):
         save_checkpoint(os.path.join(args.output_dir, "checkpoints", name), state)
 
@@ -1631,9 +1605,7 @@ def train(args, ckpt=None):
     return 0
 
 
-# ------------------------------------------------------------------------------------------------
-# Configuration and CLI
-# ------------------------------------------------------------------------------------------------
+# --- Configuration and CLI ------------------------------------------------------------------------
 
 # `--preset paper`: the original's nature 512 x 1024 configuration: 64 x 64 patches, base 64,
 # multipliers 1,2,4,8, 2 encoder and 3 decoder ResBlocks per level, attention at 16 with one head,
@@ -1888,29 +1860,17 @@ def check_args(args):
     return check_shared_args(args)
 
 
-# Copied from ddpm.mode_parser
-def mode_parser():
-    """The flags that decide which configuration to start from, read before the full parse."""
-    p = Parser(add_help=False)
-    for name in ("--preset", "--checkpoint", "--resume", "--output_dir"):
-        p.add_argument(name)
-    p.add_argument("--sample", action="store_true")
-    return p
-
-
 # Copied from ddpm.parse_args
 def parse_args(argv=None, base=None):
     """Command line -> checked configuration: the parser's defaults, then the preset, then `base`
     (a checkpoint's configuration), then the flags given, each overriding the one before."""
     parser = build_parser()
-    preset = mode_parser().parse_known_args(argv)[0].preset
+    preset = parser.parse_known_args(argv)[0].preset
     parser.set_defaults(**{**PRESETS.get(preset, {}), **(base or {})})
     return check_args(parser.parse_args(argv))
 
 
-# ------------------------------------------------------------------------------------------------
-# main()
-# ------------------------------------------------------------------------------------------------
+# --- main() ---------------------------------------------------------------------------------------
 
 # Copied from ddpm.NOT_INHERITED
 NOT_INHERITED = ("dataset_path", "output_dir", "resume", "seed", "weights", "save_gif",
@@ -1933,7 +1893,7 @@ def dry_run(args):
 # Copied from ddpm.main
 def main(argv=None):
     try:
-        mode = mode_parser().parse_known_args(argv)[0]
+        mode = build_parser().parse_known_args(argv)[0]      # the configuration to start from
         if mode.sample and mode.checkpoint is None:
             raise UserError("--sample needs --checkpoint PATH")
         path = mode.checkpoint if mode.sample else mode.resume

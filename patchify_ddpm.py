@@ -86,9 +86,7 @@ class UserError(Exception):
     """A mistake in the user's input: main() prints it as one line and exits with status 2."""
 
 
-# ------------------------------------------------------------------------------------------------
-# Model
-# ------------------------------------------------------------------------------------------------
+# --- Model ----------------------------------------------------------------------------------------
 
 
 # Copied from ddpm.timestep_embedding
@@ -170,10 +168,8 @@ class AttentionBlock(nn.Module):
         qkv = self.qkv(self.norm(x))                                # (B, 3C, H, W)
         qkv = qkv.reshape(b, 3, self.num_heads, c // self.num_heads, h * w)  # (B, 3, heads, d, N)
         q, k, v = qkv.permute(1, 0, 2, 4, 3).unbind(0)              # 3 x (B, heads, N, d)
-        out = kernels.attention(q, k, v)                            # (B, heads, N, d)
-        out = out.permute(0, 1, 3, 2)                               # (B, heads, d, N)
-        out = out.reshape(b, c, h, w)                               # (B, C, H, W)
-        return x + self.proj(out)
+        out = kernels.attention(q, k, v).transpose(2, 3)            # (B, heads, d, N)
+        return x + self.proj(out.reshape(b, c, h, w))               # (B, C, H, W)
 
 
 # Copied from ddpm.UNet
@@ -351,9 +347,7 @@ def build_model(args):
                         args.dropout, unet_input_size(args), args.num_classes)
 
 
-# ------------------------------------------------------------------------------------------------
-# Diffusion math
-# ------------------------------------------------------------------------------------------------
+# --- Diffusion math -------------------------------------------------------------------------------
 
 
 # Copied from ddpm.make_beta_schedule
@@ -372,16 +366,13 @@ def make_beta_schedule(kind, timesteps, beta_end=0.02, zero_terminal_snr=False):
         betas = torch.linspace(scale * 1e-4, scale * beta_end, timesteps, dtype=torch.float64)
     else:
         steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
-        if kind == "cosine":
-            f = torch.cos((steps + 0.008) / 1.008 * math.pi / 2) ** 2
-        else:
-            f = 1 / (1 + math.exp(-3)) - torch.sigmoid(6 * steps - 3)
+        f = (torch.cos((steps + 0.008) / 1.008 * math.pi / 2) ** 2 if kind == "cosine"
+             else 1 / (1 + math.exp(-3)) - torch.sigmoid(6 * steps - 3))
         betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)               # f[0] cancels in the ratio
     if not zero_terminal_snr:
         return betas
     root = torch.cumprod(1 - betas, 0).sqrt()
-    root = (root - root[-1]) * root[0] / (root[0] - root[-1])
-    alpha_bar = root ** 2
+    alpha_bar = ((root - root[-1]) * root[0] / (root[0] - root[-1])) ** 2
     return 1 - alpha_bar / torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
 
 
@@ -539,9 +530,7 @@ def build_diffusion(args):
                              args.min_snr_gamma)
 
 
-# ------------------------------------------------------------------------------------------------
-# Sampling
-# ------------------------------------------------------------------------------------------------
+# --- Sampling -------------------------------------------------------------------------------------
 
 
 # Copied from ddpm.guided_output
@@ -582,10 +571,8 @@ def sample(model, diffusion, shape, seeds, sampler="ddim", steps=50, eta=0.0, y=
                   disable=not progress):
         t = torch.full((shape[0],), k, device=device, dtype=torch.long)
         out = guided_output(model, x, process.timestep_map[t], y, guidance_scale)
-        if sampler == "ddpm":
-            x = process.ddpm_step(x, out, t, noise())
-        else:
-            x = process.ddim_step(x, out, t, noise() if eta > 0 else None, eta)
+        x = (process.ddpm_step(x, out, t, noise()) if sampler == "ddpm"
+             else process.ddim_step(x, out, t, noise() if eta > 0 else None, eta))
         if trajectory is not None and k % every == 0:
             trajectory.append(x.clamp(-1, 1).cpu())
     return x.clamp(-1, 1)
@@ -597,11 +584,9 @@ def generate(model, diffusion, args, num, steps, seed, trajectory=None, progress
     --class_label or i mod num_classes, whatever the batch size. -> uint8 (num, 3, H, W)."""
     device, images = next(model.parameters()).device, []
     for start in tqdm(range(0, num, args.batch_size), "batches", disable=not progress):
-        index = torch.arange(start, min(start + args.batch_size, num))
-        y = None
-        if args.num_classes:
-            y = (index % args.num_classes if args.class_label is None
-                 else torch.full_like(index, args.class_label)).to(device)
+        index = torch.arange(start, min(start + args.batch_size, num), device=device)
+        y = (None if not args.num_classes else index % args.num_classes
+             if args.class_label is None else torch.full_like(index, args.class_label))
         out = sample(model, diffusion, (len(index), 3, *args.image_size),
                      [seed * 1_000_003 + i for i in index.tolist()], args.sampler, steps,
                      args.eta, y, args.guidance_scale, trajectory if start == 0 else None, progress)
@@ -657,9 +642,7 @@ def write_samples(images, trajectory, output_dir):
         os.replace(f"{path}.tmp.gif", path)
     print(f"wrote {len(images)} samples and grid.png to {output_dir}")
 
-# ------------------------------------------------------------------------------------------------
-# Data
-# ------------------------------------------------------------------------------------------------
+# --- Data -----------------------------------------------------------------------------------------
 
 # Copied from ddpm.IMAGE_EXTENSIONS
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -675,12 +658,9 @@ def procedural_landscape(index, height, width, seed=0):
     label = int(rng.integers(2))
     y = (np.arange(height)[:, None] + 0.5) / height                # (H, 1), 0 at the top
     x = (np.arange(width)[None, :] + 0.5) / width                  # (1, W)
-    if label == 0:
-        sky_top, sky_low = np.array([0.20, 0.45, 0.85]), np.array([0.70, 0.85, 0.98])
-        sun_color, rock = np.array([1.0, 0.97, 0.80]), np.array([0.30, 0.38, 0.30])
-    else:
-        sky_top, sky_low = np.array([0.18, 0.12, 0.35]), np.array([0.98, 0.55, 0.25])
-        sun_color, rock = np.array([1.0, 0.75, 0.35]), np.array([0.22, 0.15, 0.22])
+    sky_top, sky_low, sun_color, rock = np.array([                  # (day, dusk)[label]
+        [[0.20, 0.45, 0.85], [0.70, 0.85, 0.98], [1.0, 0.97, 0.80], [0.30, 0.38, 0.30]],
+        [[0.18, 0.12, 0.35], [0.98, 0.55, 0.25], [1.0, 0.75, 0.35], [0.22, 0.15, 0.22]]])[label]
     horizon = rng.uniform(0.55, 0.75)
     t = np.clip(y / horizon, 0, 1)[..., None]                       # (H, 1, 1)
     image = sky_top * (1 - t) + sky_low * t + 0 * x[..., None]      # (H, W, 3)
@@ -771,8 +751,8 @@ def load_image(path, height, width):
 def build_cache(base, count, height, width, decode, num_workers):
     """Decode images 0..count-1 on a thread pool (PIL releases the GIL) into `base`.npy, uint8
     (N, 3, H, W), through a memory map: the dataset never has to fit in memory. decode(i) ->
-    (image, extra) or None; failed images are dropped, `base`.json lists the kept ones and their
-    extras. The array is renamed last: an interrupted build is never taken for a finished one."""
+    (image, extra) or None; the kept images are moved to the first rows, and `base`.json lists
+    them with their extras. The array is renamed last: an interrupted build is never reused."""
     tmp, shape = f"{base}.{os.getpid()}.tmp.npy", (3, height, width)
     try:
         array = np.lib.format.open_memmap(tmp, "w+", np.uint8, (count, *shape))
@@ -788,19 +768,15 @@ def build_cache(base, count, height, width, decode, num_workers):
         kept = [i for i, e in enumerate(extras) if e is not None]
         if not kept:
             raise UserError(f"none of the {count} image files could be read")
-        array.flush()
-        if len(kept) < count:                                       # copy to a file of N rows
-            final = np.lib.format.open_memmap(tmp + ".npy", "w+", np.uint8, (len(kept), *shape))
-            for j, i in enumerate(kept):
-                final[j] = array[i]
-            final.flush()
-            os.replace(tmp + ".npy", tmp)
+        for j, i in enumerate(kept):                                # the kept images first
+            array[j] = array[i]                                     # (j <= i); load_dataset
+        array.flush()                                               # maps len(kept) rows
         with open(tmp + ".json", "w") as f:
             json.dump({"kept": kept, "extras": [extras[i] for i in kept]}, f)
         os.replace(tmp + ".json", base + ".json")
         os.replace(tmp, base + ".npy")
     finally:
-        for leftover in (tmp, tmp + ".npy", tmp + ".json"):
+        for leftover in (tmp, tmp + ".json"):
             if os.path.exists(leftover):
                 os.remove(leftover)
 
@@ -821,12 +797,9 @@ def load_dataset(args, rank=0, log=print):
         paths, labels, classes = find_images(root, args.class_conditional)
         count, decode = len(paths), lambda i: load_image(paths[i], h, w)
 
-        def signature(path):
-            try:
-                stat = os.stat(path)
-            except OSError:                                         # a dangling link: skipped
-                return [os.path.relpath(path, root), None, None]    # as unreadable below
-            return [os.path.relpath(path, root), stat.st_size, stat.st_mtime_ns]
+        def signature(path):                                        # a dangling link: None,
+            stat = os.stat(path) if os.path.exists(path) else None  # skipped as unreadable
+            return [os.path.relpath(path, root), stat and stat.st_size, stat and stat.st_mtime_ns]
         source = [os.path.realpath(root), [signature(p) for p in paths]]
     key = hashlib.sha256(json.dumps([source, h, w]).encode()).hexdigest()
     name = os.path.basename(os.path.abspath(root or "procedural"))
@@ -855,7 +828,7 @@ def load_dataset(args, rank=0, log=print):
         log(f"dataset: {len(info['kept'])} images from {root}, {len(bad)} skipped, "
             f"{sum(info['extras'])} upscaled to {h}x{w}"
             + (f", classes: {', '.join(classes)}" if labels else ""))
-    images = np.load(base + ".npy", mmap_mode="r")
+    images = np.load(base + ".npy", mmap_mode="r")[:len(info["kept"])]
     return (images, torch.tensor(labels), classes) if args.class_conditional else (images, None, [])
 
 
@@ -917,9 +890,7 @@ def save_png(array, path):
     os.replace(f"{path}.tmp.png", path)
 
 
-# ------------------------------------------------------------------------------------------------
-# Training loop
-# ------------------------------------------------------------------------------------------------
+# --- Training loop --------------------------------------------------------------------------------
 
 
 # Copied from ddpm.TrainingDiverged
@@ -1152,8 +1123,7 @@ def save_run(run, args):
              "swa": run.swa.state_dict() if run.swa is not None else None,
              "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
              "lr_scheduler": run.scheduler.state_dict(), "step": run.step, "nimg": run.nimg,
-             "args": vars(args),
-             "rng": rng, "method": METHOD, "format_version": FORMAT_VERSION}
+             "args": vars(args), "rng": rng, "method": METHOD, "format_version": FORMAT_VERSION}
     for name in (f"step_{run.step}.pt", "last.pt"):
         save_checkpoint(os.path.join(args.output_dir, "checkpoints", name), state)
 
@@ -1247,9 +1217,7 @@ def train(args, ckpt=None):
     return 0
 
 
-# ------------------------------------------------------------------------------------------------
-# Configuration and CLI
-# ------------------------------------------------------------------------------------------------
+# --- Configuration and CLI ------------------------------------------------------------------------
 
 # `--preset paper`: the original's configs.py, for all its rows: T = 1000, linear betas, x0 with
 # sqrt(SNR) weighting, attention at grid sides 16 and 8 (8 heads: 64 channels per head at 512),
@@ -1466,21 +1434,11 @@ def check_args(args):
     return args
 
 
-# Copied from ddpm.mode_parser
-def mode_parser():
-    """The flags that decide which configuration to start from, read before the full parse."""
-    p = Parser(add_help=False)
-    for name in ("--preset", "--checkpoint", "--resume", "--output_dir"):
-        p.add_argument(name)
-    p.add_argument("--sample", action="store_true")
-    return p
-
-
 def parse_args(argv=None, base=None):
     """Command line -> checked configuration: the parser's defaults, then the preset, then `base`
     (a checkpoint's configuration), then the flags given, each overriding the one before."""
     parser = build_parser()
-    preset = mode_parser().parse_known_args(argv)[0].preset
+    preset = parser.parse_known_args(argv)[0].preset
     parser.set_defaults(**{**PRESETS.get(preset, {}), **(base or {})})
     if preset == "paper":                               # then the row of the size and P given
         first = parser.parse_args(argv)
@@ -1492,9 +1450,7 @@ def parse_args(argv=None, base=None):
     return check_args(parser.parse_args(argv))
 
 
-# ------------------------------------------------------------------------------------------------
-# main()
-# ------------------------------------------------------------------------------------------------
+# --- main() ---------------------------------------------------------------------------------------
 
 # What --sample never takes from the training run in the checkpoint.
 # Copied from ddpm.NOT_INHERITED
@@ -1516,7 +1472,7 @@ def dry_run(args):
 # Copied from ddpm.main
 def main(argv=None):
     try:
-        mode = mode_parser().parse_known_args(argv)[0]
+        mode = build_parser().parse_known_args(argv)[0]      # the configuration to start from
         if mode.sample and mode.checkpoint is None:
             raise UserError("--sample needs --checkpoint PATH")
         path = mode.checkpoint if mode.sample else mode.resume
