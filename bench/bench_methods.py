@@ -476,79 +476,106 @@ def targets_table(device, backend, results):
     return table(["target", "rows", "measured", "bound", ""], lines)
 
 
+def choose_backends(args):
+    """--device and --kernels -> ({device: [kernel backends]}, notes), or an error message."""
+    has_cuda = torch.cuda.is_available()
+    if args.device == "cuda" and not has_cuda:
+        return None, ("--device cuda, but no CUDA GPU is visible (torch.cuda.is_available() is "
+                      "False); use --device cpu")
+    devices = {"cpu": ["cpu"], "cuda": ["cuda"],
+               "auto": ["cpu"] + (["cuda"] if has_cuda else [])}[args.device]
+    if "cuda" in devices and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return None, "unset TRITON_INTERPRET; interpreted kernels are not worth timing."
+    have_triton = triton_version() is not None
+    if args.kernels == "triton" and "cuda" in devices and not have_triton:
+        return None, "--kernels triton, but triton is not installed"
+    notes, backends = [], {}
+    if "cpu" in devices:
+        backends["cpu"] = ["torch"]
+        notes.append("CPU rows use the plain PyTorch path (--kernels torch): the Triton kernels "
+                     "run only on CUDA tensors.")
+    if "cuda" in devices:
+        backends["cuda"] = {"auto": ["torch", "triton"] if have_triton else ["torch"],
+                            "torch": ["torch"], "triton": ["triton"]}[args.kernels]
+        if args.kernels == "auto" and not have_triton:
+            notes.append("triton is not installed: GPU rows show the torch path only.")
+    return backends, notes
+
+
+def header(args, argv, backends, results, load_at_start):
+    """The report's first lines: machine, versions, date, command and iteration counts."""
+    threads = sorted({r["threads"] for (_, d, _, _), r in results.items() if d == "cpu"})
+    cpu_line = f"CPU: {cpu_name()}, {os.cpu_count()} logical CPUs, torch threads " \
+               f"{', '.join(map(str, threads)) or torch.get_num_threads()}, 1-minute load " \
+               f"average at start {load_at_start:.2f}"
+    if "cuda" in backends:
+        gpu_line = f"GPU: {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+    else:
+        gpu_line = "GPU: none used" + ("" if torch.cuda.is_available() else " (none visible)")
+    counts = "; ".join(
+        f"{d}: {args.warmup if args.warmup is not None else v['warmup']} warm-up + "
+        f"{args.iters or v['iters']} timed training steps, "
+        f"{args.sample_iters or v['sample_iters']} timed sampling run(s)"
+        for d, v in ((d, DEFAULTS[d]) for d in backends))
+    command = sys.argv if argv is None else [sys.argv[0]] + list(argv)
+    return "\n".join([
+        f"- {cpu_line}", f"- {gpu_line}",
+        f"- torch {torch.__version__}, triton {triton_version() or 'not installed'}, "
+        f"Python {platform.python_version()}",
+        f"- {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"- command: `{shlex.join(['python'] + command)}`",
+        f"- precision {args.precision}, seed {args.seed}; {counts}",
+    ])
+
+
+def device_sections(device, rows, backends, results, args):
+    """The table of one device, with its targets tables."""
+    text = device_table(device, rows, backends, results, args.sampling_steps)
+    rss = [r["rss_after_imports_mib"] for (_, d, _, _), r in results.items() if d == "cpu"]
+    if device == "cpu" and rss:
+        text += (f"\n\nPeak RSS is that of the whole process, including the "
+                 f"{min(rss):.0f} MiB it holds after importing torch and the script.")
+    if device == "cuda" and len(backends) > 1:
+        text += ("\n\nSpeedup vs torch = median time with --kernels torch / median time with "
+                 "this backend, both measured in this run.")
+    sections = ["## CPU" if device == "cpu" else "## GPU", text]
+    for backend in backends:
+        targets = targets_table(device, backend, results)
+        if targets:
+            sections += [f"### Targets ({device}, --kernels {backend})",
+                         targets + "\n\nTimes are per image (median step time / batch), so "
+                         "rows with different batches compare; memory is the peak above what "
+                         "the process held when the phase started (weights, optimizer, the "
+                         "image batch)."]
+    return sections
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.worker:
         result = worker(json.loads(args.worker))
         print(RESULT_PREFIX + json.dumps(result), flush=True)
         return 0
-
-    has_cuda = torch.cuda.is_available()
-    if args.device == "cuda" and not has_cuda:
-        print("bench_methods.py: --device cuda, but no CUDA GPU is visible "
-              "(torch.cuda.is_available() is False); use --device cpu", file=sys.stderr)
+    backends, notes = choose_backends(args)
+    if backends is None:
+        print(f"bench_methods.py: {notes}", file=sys.stderr)
         return 2
-    devices = {"cpu": ["cpu"], "cuda": ["cuda"], "auto": ["cpu"] + (["cuda"] if has_cuda else [])}
-    devices = devices[args.device]
-    if "cuda" in devices and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        print("bench_methods.py: unset TRITON_INTERPRET; interpreted kernels are not worth timing.",
-              file=sys.stderr)
-        return 2
-    have_triton = triton_version() is not None
-    if args.kernels == "triton" and "cuda" in devices and not have_triton:
-        print("bench_methods.py: --kernels triton, but triton is not installed", file=sys.stderr)
-        return 2
-
-    notes = []
-    backends = {"cpu": ["torch"]}
-    backends["cuda"] = {"auto": ["torch", "triton"] if have_triton else ["torch"],
-                        "torch": ["torch"], "triton": ["triton"]}[args.kernels]
-    if "cuda" in devices and args.kernels == "auto" and not have_triton:
-        notes.append("triton is not installed: GPU rows show the torch path only.")
-    if "cpu" in devices:
-        notes.append("CPU rows use the plain PyTorch path (--kernels torch): the Triton kernels "
-                     "run only on CUDA tensors.")
-
     rows = [r for r in ROWS if r.name in args.rows] if args.rows else \
         [r for r in ROWS if any(r.name.startswith(SUITES[suite]) for suite in args.suite)]
     load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     results, errors = {}, []
-    for device in devices:
+    for device, device_backends in backends.items():
         for row in rows:
-            for backend in backends[device]:
+            for backend in device_backends:
                 for phase in ("train", "sample"):
                     result, error = measure(row, phase, device, backend, args)
                     if result is None:
                         errors.append(f"{row.name} {device} {phase} --kernels {backend}: {error}")
                     else:
                         results[(row.name, device, backend, phase)] = result
-
-    threads = sorted({r["threads"] for (_, d, _, _), r in results.items() if d == "cpu"})
-    rss = [r["rss_after_imports_mib"] for (_, d, _, _), r in results.items() if d == "cpu"]
-    cpu_line = f"CPU: {cpu_name()}, {os.cpu_count()} logical CPUs, torch threads " \
-               f"{', '.join(map(str, threads)) or torch.get_num_threads()}, 1-minute load " \
-               f"average at start {load_at_start:.2f}"
-    if has_cuda and "cuda" in devices:
-        gpu_line = f"GPU: {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
-    else:
-        gpu_line = "GPU: none used" + ("" if has_cuda else " (none visible)")
-    defaults = {d: DEFAULTS[d] for d in devices}
-    counts = "; ".join(
-        f"{d}: {args.warmup if args.warmup is not None else v['warmup']} warm-up + "
-        f"{args.iters or v['iters']} timed training steps, "
-        f"{args.sample_iters or v['sample_iters']} timed sampling run(s)"
-        for d, v in defaults.items())
-    command = sys.argv if argv is None else [sys.argv[0]] + list(argv)
     sections = [
         "# Method benchmark: training and sampling speed, peak memory",
-        "\n".join([
-            f"- {cpu_line}", f"- {gpu_line}",
-            f"- torch {torch.__version__}, triton {triton_version() or 'not installed'}, "
-            f"Python {platform.python_version()}",
-            f"- {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-            f"- command: `{shlex.join(['python'] + command)}`",
-            f"- precision {args.precision}, seed {args.seed}; {counts}",
-        ]),
+        header(args, argv, backends, results, load_at_start),
         "A training step is forward + backward + AdamW step on a fixed batch (no data loading, "
         "grad clipping or EMA). Sampling is one batch of DDIM (eta 0) after a 2-step warm-up run. "
         "Times are medians (min-max) of the timed iterations; images/s = batch / median. "
@@ -560,30 +587,13 @@ def main(argv=None):
         "## Rows\n\n" + table(["row", "script", "flags"],
                               [[r.name, f"{r.module}.py", f"`{r.flags}`"] for r in rows]),
     ]
-    for device in devices:
-        title = "## CPU" if device == "cpu" else "## GPU"
-        text = device_table(device, rows, backends[device], results, args.sampling_steps)
-        if device == "cpu" and rss:
-            text += (f"\n\nPeak RSS is that of the whole process, including the "
-                     f"{min(rss):.0f} MiB it holds after importing torch and the script.")
-        if device == "cuda" and len(backends["cuda"]) > 1:
-            text += ("\n\nSpeedup vs torch = median time with --kernels torch / median time with "
-                     "this backend, both measured in this run.")
-        sections += [title, text]
-        for backend in backends[device]:
-            targets = targets_table(device, backend, results)
-            if targets:
-                sections += [f"### Targets ({device}, --kernels {backend})",
-                             targets + "\n\nTimes are per image (median step time / batch), so "
-                             "rows with different batches compare; memory is the peak above what "
-                             "the process held when the phase started (weights, optimizer, the "
-                             "image batch)."]
+    for device, device_backends in backends.items():
+        sections += device_sections(device, rows, device_backends, results, args)
     if notes:
         sections.append("Notes:\n\n" + "\n".join(f"- {n}" for n in notes))
     if errors:
         sections.append("Failed measurements:\n\n" + "\n".join(f"- {e}" for e in errors))
-    report = "\n\n".join(sections) + "\n"
-    emit(report, args.out)
+    emit("\n\n".join(sections) + "\n", args.out)
     return 1 if errors else 0
 
 
