@@ -351,29 +351,22 @@ def build_model(args):
 
 
 # Copied from ddpm.make_beta_schedule
-def make_beta_schedule(kind, timesteps, beta_end=0.02, zero_terminal_snr=False):
+def make_beta_schedule(kind, timesteps, beta_end=0.02):
     """beta_1..beta_T in float64. linear (Ho et al. Sec. 4): 1e-4 to `beta_end` at T = 1000, both
     scaled by 1000 / T (Nichol & Dhariwal's code). Else beta_t = 1 - alpha_bar(t) / alpha_bar(t-1)
     clipped at 0.999, with cosine (Nichol & Dhariwal Eq. 17) alpha_bar(t) = f(t) / f(0), f(t) =
     cos^2((t/T + s) / (1 + s) pi/2), s = 0.008, or sigmoid (Jabri et al.; start -3, end 3, tau 1)
-    alpha_bar(t) = (sig(3) - sig(6 t/T - 3)) / (sig(3) - sig(-3)). zero_terminal_snr (Lin et al.
-    Alg. 1): sqrt(alpha_bar) shifted to end at 0, scaled to keep its first value (x_T is noise)."""
+    alpha_bar(t) = (sig(3) - sig(6 t/T - 3)) / (sig(3) - sig(-3))."""
     if kind == "linear":
         scale = 1000 / timesteps
         if not 0 < scale * beta_end < 1:
             raise UserError(f"the linear schedule's last beta, {beta_end:g} x 1000 / --timesteps "
                             f"{timesteps} = {scale * beta_end:g}, must be in (0, 1)")
-        betas = torch.linspace(scale * 1e-4, scale * beta_end, timesteps, dtype=torch.float64)
-    else:
-        steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
-        f = (torch.cos((steps + 0.008) / 1.008 * math.pi / 2) ** 2 if kind == "cosine"
-             else 1 / (1 + math.exp(-3)) - torch.sigmoid(6 * steps - 3))
-        betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)               # f[0] cancels in the ratio
-    if not zero_terminal_snr:
-        return betas
-    root = torch.cumprod(1 - betas, 0).sqrt()
-    alpha_bar = ((root - root[-1]) * root[0] / (root[0] - root[-1])) ** 2
-    return 1 - alpha_bar / torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
+        return torch.linspace(scale * 1e-4, scale * beta_end, timesteps, dtype=torch.float64)
+    steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+    f = (torch.cos((steps + 0.008) / 1.008 * math.pi / 2) ** 2 if kind == "cosine"
+         else 1 / (1 + math.exp(-3)) - torch.sigmoid(6 * steps - 3))
+    return (1 - f[1:] / f[:-1]).clamp(max=0.999)                    # f[0] cancels in the ratio
 
 
 # Copied from ddpm.at
@@ -524,8 +517,7 @@ class PatchifyDiffusion(GaussianDiffusion):
 
 def build_diffusion(args):
     """The diffusion process of a checked configuration (the counterpart of build_model)."""
-    betas = make_beta_schedule(args.schedule, args.timesteps, args.beta_end,
-                               args.zero_terminal_snr)
+    betas = make_beta_schedule(args.schedule, args.timesteps, args.beta_end)
     return PatchifyDiffusion(betas, args.prediction, args.loss, args.variance, args.loss_weight,
                              args.min_snr_gamma)
 
@@ -965,8 +957,7 @@ def load_checkpoint(path):
 # The flags that shape the network or the diffusion process: a resumed run must agree on them.
 ARCHITECTURE_KEYS = ("image_size", "base_channels", "channel_mults", "num_res_blocks",
                      "attention_resolutions", "num_heads", "num_classes", "schedule", "timesteps",
-                     "prediction", "class_conditional", "zero_terminal_snr", "patch_size",
-                     "beta_end")
+                     "prediction", "class_conditional", "patch_size", "beta_end")
 
 
 # Copied from ddpm.check_compatible
@@ -1336,7 +1327,6 @@ def build_shared_parser():
     add("model", "dropout", 0.0, "dropout in the ResBlocks", type=frac)
     add("model", "label_dropout", 0.1, "null-label probability in training", type=frac)
     add("diffusion", "schedule", "cosine", "beta schedule", choices=["linear", "cosine", "sigmoid"])
-    add("diffusion", "zero_terminal_snr", False, "rescale to alpha_bar_T = 0 (Lin et al.)")
     add("diffusion", "timesteps", 1000, "diffusion steps T", type=at_least(2))
     add("diffusion", "prediction", "v", "network output (paper: eps)", choices=["eps", "x0", "v"])
     add("diffusion", "min_snr_gamma", 0.0, "min-SNR-gamma weighting (0: off)", type=real)
@@ -1423,9 +1413,6 @@ def check_args(args):
     for key in ("sampling_steps", "preview_steps"):
         if getattr(args, key) > args.timesteps:
             raise UserError(f"--{key} {getattr(args, key)} exceeds --timesteps {args.timesteps}")
-    if args.zero_terminal_snr and args.prediction == "eps":
-        raise UserError("--zero_terminal_snr makes alpha_bar_T = 0, where an eps prediction "
-                        "cannot give x0: use --prediction x0 or v")
     build_diffusion(args)                                           # the schedule's own checks
     if args.dataset_path is not None and not os.path.isdir(args.dataset_path):
         raise UserError(f"--dataset_path {args.dataset_path} is not a folder")

@@ -169,19 +169,6 @@ def test_sigmoid_schedule_matches_its_alpha_bar_at_both_ends():
     assert alpha_bar[-1].item() == pytest.approx(0.001 * g(T - 1), rel=1e-9)
 
 
-@pytest.mark.parametrize("kind", ["linear", "cosine", "sigmoid"])
-def test_zero_terminal_snr_rescales_sqrt_alpha_bar_to_end_at_zero(kind):
-    """Lin et al. Alg. 1, r = sqrt(ab): r' = (r - r_T) r_1 / (r_1 - r_T). The first value is kept,
-    the last is exactly 0, and the order is kept."""
-    base = torch.cumprod(1 - ddpm.make_beta_schedule(kind, 1000), 0).sqrt()
-    betas = ddpm.make_beta_schedule(kind, 1000, zero_terminal_snr=True)
-    root = torch.cumprod(1 - betas, 0).sqrt()
-    expected = (base - base[-1]) * base[0] / (base[0] - base[-1])
-    np.testing.assert_allclose(root, expected, rtol=1e-10, atol=1e-12)
-    assert root[-1] == 0 and betas[-1] == 1 and root[0].item() == pytest.approx(base[0].item())
-    assert (root[1:] < root[:-1]).all()
-
-
 @pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
 def test_min_snr_weights_against_their_formula(prediction):
     """Hang et al.: the x0 error is weighted by min(SNR, gamma); the own-target error of eps, x0
@@ -338,23 +325,6 @@ def test_samplers_draw_the_data_distribution_with_the_bayes_optimal_denoiser(sam
         assert 20 <= (distance.argmin(1) == 0).sum() <= 44, prediction
     for prediction in ("x0", "v"):
         assert torch.allclose(outs[prediction], outs["eps"], atol=1e-4), prediction
-
-
-@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
-def test_zero_terminal_snr_samplers_draw_the_data_distribution(sampler):
-    """With alpha_bar_T = 0 (Lin et al.) x_T carries no signal; x0 and v prediction still give
-    the data's colours, in its proportions, and the same samples."""
-    colours = torch.tensor([[0.8, -0.7, -0.7], [-0.7, -0.5, 0.8]])
-    betas = ddpm.make_beta_schedule("sigmoid", 200, zero_terminal_snr=True)
-    outs = {}
-    for prediction in ("x0", "v"):
-        d = ddpm.GaussianDiffusion(betas, prediction=prediction)
-        outs[prediction] = ddpm.sample(BayesOptimal(d, colours, prediction), d, (64, 3, 4, 4),
-                                       range(64), sampler, 20)
-        distance = (outs[prediction].mean((2, 3))[:, None] - colours[None]).abs().amax(2)
-        assert distance.min(1).values.max() < 1e-3, prediction
-        assert 20 <= (distance.argmin(1) == 0).sum() <= 44, prediction
-    assert torch.allclose(outs["x0"], outs["v"], atol=1e-4)
 
 
 def test_respacing_keeps_alpha_bar_and_the_identity_respacing_is_the_process():

@@ -663,7 +663,6 @@ def test_class_conditional_with_images_in_the_root(tmp_path, capsys):
     ["--sampler", "foo"],
     ["--prediction", "eps2"],
     ["--variance", "fixed"],
-    ["--zero_terminal_snr", "--prediction", "eps"],                 # eps cannot invert x_T
     ["--min_snr_gamma", "-1"],
     ["--sample"],                                                   # no --checkpoint
     ["--schedule", "linear", "--timesteps", "20", "--sampling_steps", "4", "--preview_steps", "4"],
