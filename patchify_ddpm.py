@@ -380,9 +380,9 @@ class GaussianDiffusion(nn.Module):
     """q(x_t | x_0) and the reverse steps, from the betas in float64, kept as float32 buffers.
     Index t is the paper's step t + 1. A respaced process has betas over a subset of the steps
     and a `timestep_map` back to them (what the network is conditioned on). `prediction`: eps,
-    x0 or v. Each is trained on its own target, which weights the x0 error by SNR (eps), 1 (x0)
-    or SNR + 1 (v), SNR = alpha_bar / (1 - alpha_bar); min_snr_gamma > 0 (Hang et al. Eq. 11)
-    multiplies by `loss_weight` = min(SNR, gamma) / that weight. `variance`: the ancestral
+    x0 or v. Each is trained on its own target, whose squared error is the x0 one times SNR (eps),
+    1 (x0) or SNR + 1 (v), SNR = alpha_bar / (1 - alpha_bar); min_snr_gamma > 0 (Hang et al. Eq.
+    11) multiplies by `loss_weight` = min(SNR, gamma) / that weight. `variance`: the ancestral
     sigma_t^2, small beta~_t or large beta_t (Ho et al. Sec. 3.2)."""
 
     def __init__(self, betas, prediction="eps", loss="mse", variance="small", timestep_map=None,
@@ -398,7 +398,7 @@ class GaussianDiffusion(nn.Module):
             "betas": betas, "alpha_bar": alpha_bar, "alpha_bar_prev": alpha_bar_prev,
             "sqrt_alpha_bar": alpha_bar.sqrt(), "sqrt_one_minus_alpha_bar": (1 - alpha_bar).sqrt(),
             # No noise in the last step (index 0); improved-diffusion's "fixed large" variance
-            # puts beta~_1 there, which is never drawn either.
+            # puts index 1's beta~ there, which it never draws either.
             "sigma": torch.cat([sigma2.new_zeros(1), sigma2[1:]]).sqrt(),
             "coef_x0": betas * alpha_bar_prev.sqrt() / (1 - alpha_bar),           # Eq. 7
             "coef_xt": (1 - alpha_bar_prev) * (1 - betas).sqrt() / (1 - alpha_bar),
@@ -466,7 +466,8 @@ class GaussianDiffusion(nn.Module):
         """DDIM (Song et al. Eq. 12) from index t to t - 1, a = alpha_bar:
             x_prev = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - s^2) eps_hat + s z,
             s = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev)      (Eq. 16),
-        x0_hat clipped to [-1, 1] and eps_hat recomputed from it. eta = 1 is ancestral."""
+        x0_hat clipped to [-1, 1] and eps_hat recomputed from it. eta = 1: ancestral, small
+        variance."""
         a, a_prev = at(self.alpha_bar, t, x_t), at(self.alpha_bar_prev, t, x_t)
         x0 = self.x0_and_eps(x_t, t, out)[0].clamp(-1, 1)
         b = at(self.sqrt_one_minus_alpha_bar, t, x_t)
@@ -479,9 +480,10 @@ class GaussianDiffusion(nn.Module):
         """The process over `steps` evenly spaced indices (Nichol & Dhariwal Sec. 4): alpha_bar
         kept there, beta_k = 1 - alpha_bar_k / alpha_bar_{k-1}."""
         use = torch.linspace(0, self.num_timesteps - 1, steps, dtype=torch.float64).round().long()
-        alpha_bar = self.alpha_bar_f64[torch.unique(use)]
+        use = torch.unique(use)                                     # indices of this process
+        alpha_bar = self.alpha_bar_f64[use]
         betas = 1 - alpha_bar / torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
-        return GaussianDiffusion(betas, timestep_map=torch.unique(use),
+        return GaussianDiffusion(betas, timestep_map=self.timestep_map.cpu()[use],
                                  **self.options).to(self.betas.device)
 
 

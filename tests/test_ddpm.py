@@ -337,6 +337,9 @@ def test_respacing_keeps_alpha_bar_and_the_identity_respacing_is_the_process():
     assert r.options == d.options == dict(prediction="v", loss="l1", variance="large",
                                           min_snr_gamma=0.0)
     assert (r.prediction, r.loss) == ("v", "l1")
+    twice = r.respace(10)                                           # maps to the original steps
+    assert torch.equal(twice.timestep_map, r.timestep_map[torch.linspace(0, 49, 10).round().long()])
+    np.testing.assert_allclose(twice.alpha_bar_f64, d.alpha_bar_f64[twice.timestep_map], rtol=1e-9)
     full = d.respace(1000)
     assert torch.equal(full.timestep_map, torch.arange(1000))
     for name in ("betas", "alpha_bar", "alpha_bar_prev", "coef_x0", "coef_xt", "sigma"):
