@@ -19,17 +19,19 @@ What this file adds over ddpm.py
     forward pass, so its activations are those of a full-image U-Net and the memory saving the
     paper claims does not happen; here --patch_batch K runs K patch positions at a time (default
     1), in sampling and in training (one loss term per chunk, each backpropagated before the next
-    runs), with the same samples and gradients for every K. Search for "original code" for the
-    other differences from the released code.
+    runs), with the same samples and gradients for every K, up to float rounding (about 1e-6: the
+    kernels round differently per batch size). Search for "original code" for the other
+    differences from the released code.
 
 Commands
     python patch_ddpm.py                                     # quick CPU run on the built-in dataset
     python patch_ddpm.py --dataset_path DIR --preset paper   # one GPU, the paper's 4x4 CelebA run
-    torchrun --nproc_per_node=4 patch_ddpm.py --dataset_path DIR --preset paper --batch_size 8
+    torchrun --nproc_per_node=4 patch_ddpm.py --dataset_path DIR --preset paper   # the original run
     python patch_ddpm.py --sample --checkpoint runs/patch_ddpm/checkpoints/last.pt --num_samples 64
     python patch_ddpm.py --sample --checkpoint CKPT --patch_batch 0   # all patches in one call
     tensorboard --logdir runs/patch_ddpm
-    (--batch_size is per process: 8 on each of 4 GPUs is the original's global batch of 32.)
+    (--batch_size is per process, as in the original code, whose run is 32 on each of 4 GPUs:
+    128 images per step; on one GPU add --accumulation_iters 4 to match it.)
 
 The method's own code (everything else is ddpm.py's, under `# Copied from` markers)
     cut_patches, stitch_patches: image <-> its N x N patches, patch-major
@@ -279,14 +281,15 @@ class PatchUNet(UNet):
     every ResBlock's scale/shift. The original code instead fuses [time, GELU(Linear(one_hot))]
     with a Linear on the concatenation; a linear map of a concatenation is the sum of a linear map
     of each part, and the time part's map folds into the time MLP's last Linear (and the class
-    table), so the two are the same family of functions. The original has no classes; labels are
-    dropped per image in make_batch, so every patch of an image agrees on its label.
+    table), so the two have the same form (its time MLP has GELU where ddpm.py's, used here, has
+    SiLU). The original has no classes; labels are dropped per image in make_batch, so every
+    patch of an image agrees on its label.
 
     `model(x_t, t, y)` takes the full noisy image and returns the full-image eps (B, 3, H, W),
     computed `patch_batch` positions at a time (0: all at once); `patch_batch` may be changed
-    between calls and does not change the result. `model(x_t, t, y, positions=[...])` returns
-    only those positions' patches (K, B, 3, H/N, W/N): the training loss takes its chunks this way,
-    through the module's own forward, so DDP sees every chunk."""
+    between calls and changes the result only by float rounding. `model(x_t, t, y,
+    positions=[...])` returns only those positions' patches (K, B, 3, H/N, W/N): the training
+    loss takes its chunks this way, through the module's own forward, so DDP sees every chunk."""
 
     def __init__(self, *unet_args, patch_divider=2, patch_batch=1, **unet_kwargs):
         super().__init__(*unet_args, **unet_kwargs)
@@ -1221,9 +1224,9 @@ def train(args, ckpt=None):
 # batch 32, 100k steps, Adam lr 1e-4 without schedule, warmup or gradient clipping, cosine schedule
 # with T = 1000, L1 loss (build_parser's default), horizontal flips, seed 1234, checkpoints and
 # samples every 2000 steps, 1000 ancestral steps with sigma_t^2 = beta~_t (its clipped posterior
-# variance; ddpm.py's default). Where we differ from the original code:
-# - Batch: its 32 is the global batch (accelerate's split_batches=True divides it among the GPUs);
-#   --batch_size here is per process: on 4 GPUs pass --batch_size 8 to match.
+# variance; ddpm.py's default). Its 32 is per process, like --batch_size (accelerate's default,
+# split_batches=False): its README's 12.8M images are 100k steps of 32 on each of 4 GPUs. Where we
+# differ from the original code:
 # - EMA: it updates an EMA of decay 0.995 every 10 steps and copies the weights before step 2000.
 #   We update every step, with the decay that averages over the same horizon: 0.995 ** (1 / 10).
 # - Blocks: its U-Net (an early lucidrains one) has ResNet blocks with GroupNorm(8) and linear
@@ -1376,8 +1379,8 @@ def build_parser():
     """ddpm.py's flags with the original code's L1 loss as the default, plus the patch grid."""
     p = build_shared_parser()
     p.set_defaults(loss="l1")
-    p.description += (" --batch_size is per process; the original code's batch is global, so "
-                      "on 4 GPUs --batch_size 8 matches its 32.")
+    p.description += (" --batch_size is per process, as in the original code, whose run is 32 on "
+                      "each of 4 GPUs (on one GPU, --accumulation_iters 4 matches it).")
     add = functools.partial(add_flag, p, {})
     add("patches (Arakawa et al. Sec. 3)", "patch_divider", 2,
         "N: cut the image into N x N patches (1: a plain DDPM, same network)", type=int,
