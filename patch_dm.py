@@ -31,8 +31,9 @@ What this file adds over ddpm.py
     model on the learned codes, so that sampling draws new ones (DiffAE's latent DDIM).
     Sampling at any multiple of p, larger than the training images too: every DDIM step runs
     the network on the padded grid, in windows of at most --patch_batch patches, which gives
-    exactly the one-batch result at a memory that does not grow with the image (the abstract
-    claims less memory than full-image diffusion; the original code's grows with the pixels).
+    the one-batch result up to float rounding, with network activations that do not grow with
+    the image (only the canvases do; the abstract claims less memory than full-image diffusion,
+    and the original code's activations grow with the pixels).
     Own flags: --patch_size, --collage (--no_collage: Fig. 2 (a)'s independent patches), --cfg,
     --patch_batch, --code_from, --preview_size, --latent_steps, --latent_batch_size,
     --latent_lr, --latent_weight_decay, --latent_width, --latent_layers,
@@ -820,7 +821,8 @@ CODE_SEED = 2 ** 40
 def sample_codes(latent, table, seeds, steps=50):
     """New codes: z_T ~ N(0, I) (per-image seeds), DDIM with eta 0 in `steps` steps of the latent
     process, x0 not clipped (codes are not bounded), then de-normalised by the statistics of
-    the table the model learned. -> (B, 512)."""
+    `table` (the model learned the EMA table's: with --weights model, the raw table's scale is
+    used for the raw U-Net). -> (B, 512)."""
     device = table.device
     process = latent_diffusion().respace(steps).to(device)
     z = per_image_noise((len(seeds), CODE_DIM), seeds, device)()
@@ -1384,11 +1386,13 @@ def build_shared_run(args, ckpt, device, rank, world):
 def build_run(args, ckpt, device, rank, world):
     """ddpm.py's run of both networks (one AdamW holds them both: a frozen network has no
     gradients, so it does not move), with the code table of a new run set by thumbnail_codes
-    in the model and in its EMA (every rank computes the same table)."""
+    in the model and in its EMA (rank 0's table on every rank)."""
     run = build_shared_run(args, ckpt, device, rank, world)
     if ckpt is None:
         images = load_images(args, 1, log=lambda *a, **k: None)[0]    # (rank 1: no warnings,
         codes = thumbnail_codes(images).to(device)                       # load_dataset gave them)
+        if world > 1:                          # one table everywhere, whatever each SVD rounds
+            dist.broadcast(codes, 0)
         run.raw.unet.codes.weight.data.copy_(codes)
         run.ema.shadow.unet.codes.weight.data.copy_(codes)
     return run
@@ -1847,6 +1851,8 @@ def check_args(args):
     for flag, (h, w) in sizes:
         if h % p or w % p:
             raise UserError(f"{flag} {h}x{w} is not a multiple of --patch_size {p} in both sides")
+    if args.latent_steps and args.lr == 0:
+        raise UserError("--lr 0: the latent phase's --latent_lr is set as a multiple of --lr")
     return check_shared_args(args)
 
 

@@ -450,8 +450,9 @@ def test_torchrun_ddp_crosses_into_the_latent_phase(tiny, tmp_path):
     ["--swa"],
     ["--weights", "swa"],
     ["--code_from", "-1"],
+    ["--lr", "0"],
 ], ids=["image_not_by_p", "p_not_by_2_levels", "preview_not_by_p", "classes", "swa",
-        "weights_swa", "code_from_negative"])
+        "weights_swa", "code_from_negative", "lr_zero_with_a_latent_phase"])
 def test_bad_flags_exit_2_before_any_work(tmp_path, capsys, flags):
     testing_utils.assert_refused_before_any_work(pdm, [*TINY, *flags], tmp_path, capsys)
 
