@@ -15,9 +15,10 @@ shows the method.
 
     python ddpm.py                                     # quick CPU run on the built-in dataset
     python ddpm.py --dataset_path DIR --preset paper   # one GPU, Ho et al.'s configuration
-    torchrun --nproc_per_node=4 ddpm.py --dataset_path DIR --preset paper   # 4 GPUs, DDP
+    torchrun --nproc_per_node=4 ddpm.py --dataset_path DIR --preset paper --batch_size 32
     python ddpm.py --sample --checkpoint runs/ddpm/checkpoints/last.pt --num_samples 64
     tensorboard --logdir runs/ddpm
+    (--batch_size is per process: on 4 GPUs, 4 x 32 is Ho et al.'s batch of 128.)
 """
 
 import argparse
@@ -1116,7 +1117,8 @@ def build_parser():
     add("model", "label_dropout", 0.1, "null-label probability in training", type=frac)
     add("diffusion", "schedule", "cosine", "beta schedule", choices=["linear", "cosine", "sigmoid"])
     add("diffusion", "timesteps", 1000, "diffusion steps T", type=at_least(2))
-    add("diffusion", "prediction", "v", "network output (paper: eps)", choices=["eps", "x0", "v"])
+    add("diffusion", "prediction", "v", "network output (paper preset: its paper's)",
+        choices=["eps", "x0", "v"])
     add("diffusion", "min_snr_gamma", 0.0, "min-SNR-gamma weighting (0: off)", type=real)
     add("diffusion", "loss", "mse", "elementwise error", choices=["mse", "l1", "huber"])
     add("diffusion", "variance", "small", "ancestral sigma_t^2: beta~_t (small) or beta_t",

@@ -8,20 +8,21 @@ Paper
     Original code: github.com/Zhendong-Wang/Patch-Diffusion (a fork of github.com/NVlabs/edm).
 
 What this file adds over ddpm.py
-    Training sees random crops instead of whole images (paper Sec. 3). Each optimizer step draws
-    one crop side for its whole batch, R/4, R/2 or R of the training size R, with probabilities
-    (1 - p) 2/5, (1 - p) 3/5 and p (--real_p, 0.5 in the paper), and takes R/s times as many
-    crops as --batch_size, each at its own uniform offset. Two coordinate channels give every
-    pixel its place in the full image, in [-1, 1], so the U-Net (3 + 2 channels in, 3 out, fully
-    convolutional) learns one score function of the whole image from its parts. Small crops
-    are cheap: at p = 0.5 most steps cost a fraction of a full-image step, and the paper reaches
-    the FID of full-image training in about half the time (CelebA-64: 1.77 in 24.6 h against
-    1.66 in 48.5 h). Sampling is ordinary EDM sampling of the whole image with the full grid.
-    The diffusion is EDM's (--formulation edm): preconditioned denoiser, log-normal sigmas, Heun
-    sampler on Karras sigmas; --formulation ddpm runs the same patches on ddpm.py's process, the
-    same-network baseline. Images seen, the EMA and the LR ramp are counted in crops (kimg), as
-    the paper does. Own flags: --formulation, --real_p, --progressive, --max_kimg,
-    --warmup_kimg, --ema_halflife_kimg, --S_churn, --S_min, --S_max, --S_noise.
+    Training sees random crops instead of whole images (paper Sec. 3). Each optimizer step draws,
+    on each process, one crop side for its batch, R/4, R/2 or R of the training size R, with
+    probabilities (1 - p) 2/5, (1 - p) 3/5 and p (--real_p, 0.5 in the paper), and takes R/s
+    times as many crops as --batch_size, each at its own uniform offset. Two coordinate channels
+    give every pixel its place in the full image, in [-1, 1], so the U-Net (3 + 2 channels in, 3
+    out, fully convolutional) learns one score function of the whole image from its parts. Small
+    crops are cheap: at p = 0.5 half the steps cost a fraction of a full-image step, and the
+    paper reaches the FID of full-image training in about half the time (CelebA-64: 1.77 in
+    24.6 h against 1.66 in 48.5 h). Sampling is ordinary EDM sampling of the whole image with
+    the full grid. The diffusion is EDM's (--formulation edm): preconditioned denoiser,
+    log-normal sigmas, Heun sampler on Karras sigmas; --formulation ddpm runs the same patches on
+    ddpm.py's process, the same-network baseline. Images seen, the EMA and the LR ramp are
+    counted in crops (kimg), as the paper does. Own flags: --formulation, --real_p,
+    --progressive, --max_kimg, --warmup_kimg, --ema_halflife_kimg, --S_churn, --S_min, --S_max,
+    --S_noise.
 
 Departures from the paper and the original code
     - The U-Net is ddpm.py's (ADM-style), not EDM's DDPM++ (SongUNet): no skip rescaling by
@@ -49,12 +50,12 @@ Departures from the paper and the original code
 Commands
     python patch_diffusion.py                               # quick CPU run on the built-in data
     python patch_diffusion.py --dataset_path DIR --preset paper            # one GPU, CelebA-64
-    torchrun --nproc_per_node=8 patch_diffusion.py --dataset_path DIR --preset paper \
-        --batch_size 32                                    # 8 GPUs: 8 x 32 = the paper's 256
+    torchrun --nproc_per_node=8 patch_diffusion.py --dataset_path DIR --preset paper --batch_size 32
     python patch_diffusion.py --dataset_path DIR --real_p 1                # full-image baseline
     python patch_diffusion.py --sample --checkpoint runs/patch_diffusion/checkpoints/last.pt
     python patch_diffusion.py --sample --checkpoint CKPT --image_size 32x64   # a wider canvas
     tensorboard --logdir runs/patch_diffusion
+    (--batch_size is per process: on 8 GPUs, 8 x 32 is the paper's batch of 256.)
 
 The method's own code
     patch_coordinates: the coordinate channels of crops, x (column) then y (row), in [-1, 1]
@@ -1047,7 +1048,8 @@ class EMA:
 def lr_lambda(run, args):
     """The LR factor of step `run.step`: a linear ramp over --warmup_steps steps and one over
     --warmup_kimg thousand crops (EDM's lr_rampup, counted in crops as the paper), whichever ends
-    later; then constant (EDM), or the cosine of ddpm.py over the fraction of training done."""
+    later; then constant (EDM), or a cosine decay over the fraction of training done, counted
+    from step 0 (ddpm.py's starts after the warmup), and never above the ramp."""
     ramp = min(1.0, (run.step + 1) / args.warmup_steps if args.warmup_steps else 1.0,
                run.nimg / (1000 * args.warmup_kimg) if args.warmup_kimg else 1.0)
     if args.lr_schedule == "constant":
@@ -1460,7 +1462,8 @@ def build_shared_parser():
     add("model", "label_dropout", 0.1, "null-label probability in training", type=frac)
     add("diffusion", "schedule", "cosine", "beta schedule", choices=["linear", "cosine", "sigmoid"])
     add("diffusion", "timesteps", 1000, "diffusion steps T", type=at_least(2))
-    add("diffusion", "prediction", "v", "network output (paper: eps)", choices=["eps", "x0", "v"])
+    add("diffusion", "prediction", "v", "network output (paper preset: its paper's)",
+        choices=["eps", "x0", "v"])
     add("diffusion", "min_snr_gamma", 0.0, "min-SNR-gamma weighting (0: off)", type=real)
     add("diffusion", "loss", "mse", "elementwise error", choices=["mse", "l1", "huber"])
     add("diffusion", "variance", "small", "ancestral sigma_t^2: beta~_t (small) or beta_t",
@@ -1577,9 +1580,10 @@ def check_args(args):
         raise UserError(f"--real_p {args.real_p} is a probability: give a value in [0, 1]")
     factor = 2 ** (len(args.channel_mults or paper_channel_mults(*args.train_size)) - 1)
     (h, w), (ch, cw) = args.train_size, args.image_size
-    if h % (4 * factor) or w % (4 * factor):
-        raise UserError(f"training size {h}x{w}: its quarter-size crops must pass the U-Net's "
-                        f"downsampling by {factor}; use a multiple of {4 * factor}")
+    smallest = max(f for f, p in zip(PATCH_FACTORS, patch_probabilities(args.real_p)) if p > 0)
+    if h % (smallest * factor) or w % (smallest * factor):
+        raise UserError(f"training size {h}x{w}: its 1/{smallest}-size crops must pass the "
+                        f"U-Net's downsampling by {factor}; use a multiple of {smallest * factor}")
     if ch % factor or cw % factor:
         raise UserError(f"--image_size {ch}x{cw} is not divisible by the U-Net's downsampling "
                         f"factor {factor}")

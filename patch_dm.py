@@ -1714,7 +1714,8 @@ def build_shared_parser():
     add("model", "label_dropout", 0.1, "null-label probability in training", type=frac)
     add("diffusion", "schedule", "cosine", "beta schedule", choices=["linear", "cosine", "sigmoid"])
     add("diffusion", "timesteps", 1000, "diffusion steps T", type=at_least(2))
-    add("diffusion", "prediction", "v", "network output (paper: eps)", choices=["eps", "x0", "v"])
+    add("diffusion", "prediction", "v", "network output (paper preset: its paper's)",
+        choices=["eps", "x0", "v"])
     add("diffusion", "min_snr_gamma", 0.0, "min-SNR-gamma weighting (0: off)", type=real)
     add("diffusion", "loss", "mse", "elementwise error", choices=["mse", "l1", "huber"])
     add("diffusion", "variance", "small", "ancestral sigma_t^2: beta~_t (small) or beta_t",

@@ -35,9 +35,11 @@ Commands
     python patchify_ddpm.py                                # quick CPU run: 256x256, P = 8
     python patchify_ddpm.py --dataset_path DIR --preset paper                  # one GPU, LSUN P = 4
     python patchify_ddpm.py --dataset_path DIR --preset paper --image_size 1024   # FFHQ-1024
-    torchrun --nproc_per_node=4 patchify_ddpm.py --dataset_path DIR --preset paper  # 4 GPUs, DDP
+    torchrun --nproc_per_node=4 patchify_ddpm.py --dataset_path DIR --preset paper --batch_size 64
     python patchify_ddpm.py --sample --checkpoint runs/patchify_ddpm/checkpoints/last.pt
     tensorboard --logdir runs/patchify_ddpm
+    (--batch_size is per process; the original's is global, split among the TPU replicas by
+    tf.distribute: on 4 GPUs a quarter of the preset's, 64 for P = 4, matches it.)
 
 The method's own code
     patchify, unpatchify: space-to-depth (B, 3, H, W) <-> (B, 3 P^2, H/P, W/P), original order
@@ -1213,7 +1215,8 @@ def train(args, ckpt=None):
 # --- Configuration and CLI ------------------------------------------------------------------------
 
 # `--preset paper`: the original's configs.py, for all its rows: T = 1000, linear betas, x0 with
-# sqrt(SNR) weighting, attention at grid sides 16 and 8 (8 heads: 64 channels per head at 512),
+# sqrt(SNR) weighting, attention at grid sides 16 and 8 (8 heads: the original's 64 channels per
+# head at width 512; P = 8's 384-wide level gets 8 of 48, not 6 of 64: the U-Net has one count),
 # Adam lr 1e-4 after 5k warmup steps, no decay, EMA 0.99 every 100 steps (here 0.99 ** (1 / 100)
 # every step), 250 ancestral sampling steps, no flips. grad_clip 0: the original does not clip,
 # and with the sqrt(SNR) weight (up to 100 at t = 0) clipping silently reweights the timesteps.
@@ -1330,7 +1333,8 @@ def build_shared_parser():
     add("model", "label_dropout", 0.1, "null-label probability in training", type=frac)
     add("diffusion", "schedule", "cosine", "beta schedule", choices=["linear", "cosine", "sigmoid"])
     add("diffusion", "timesteps", 1000, "diffusion steps T", type=at_least(2))
-    add("diffusion", "prediction", "v", "network output (paper: eps)", choices=["eps", "x0", "v"])
+    add("diffusion", "prediction", "v", "network output (paper preset: its paper's)",
+        choices=["eps", "x0", "v"])
     add("diffusion", "min_snr_gamma", 0.0, "min-SNR-gamma weighting (0: off)", type=real)
     add("diffusion", "loss", "mse", "elementwise error", choices=["mse", "l1", "huber"])
     add("diffusion", "variance", "small", "ancestral sigma_t^2: beta~_t (small) or beta_t",

@@ -489,6 +489,14 @@ def test_torchrun_ddp_counts_the_crops_of_every_rank(tiny, tmp_path):
     assert ckpt["nimg"] == expected
 
 
+def test_full_images_only_need_the_unets_divisibility():
+    """--real_p 1 never draws quarter crops, so a size divisible only by the U-Net's factor (2
+    here) is accepted; any p < 1 draws them and refuses it."""
+    assert pd.parse_args([*TINY, "--image_size", "12", "--real_p", "1"]).train_size == [12, 12]
+    with pytest.raises(pd.UserError):
+        pd.parse_args([*TINY, "--image_size", "12", "--real_p", "0.9"])
+
+
 @pytest.mark.parametrize("flags", [
     ["--real_p", "1.5"],
     ["--real_p", "-0.1"],
