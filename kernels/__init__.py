@@ -25,10 +25,13 @@ interpreter (it has no bf16), float64, empty tensors, a head dimension outside 1
 
 The first time the Triton kernels would run on a device, `kernels_agree` compares each of them
 with the reference on one small input, forward and backward (a few milliseconds). On a mismatch
-or an error it warns once, and that device uses the reference for the rest of the process: a
-kernel that is wrong on some GPU or Triton release costs speed, not a silently broken run.
+or an error (a NaN counts as one) it warns once, and that device uses the reference for the
+rest of the process: a kernel that is wrong on some GPU or Triton release costs speed, not a
+silently broken run. The check runs eagerly: a model that only ever runs under torch.compile is
+not checked.
 """
 
+import math
 import os
 import warnings
 
@@ -75,8 +78,10 @@ _agree = {}                                     # device -> the self-check's ver
 
 
 def _relative_error(a, b):
+    """||a - b|| / ||b||; inf where it is not finite (a NaN would slip through max())."""
     a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+    error = float((a - b).norm() / b.norm().clamp(min=1e-30))
+    return error if math.isfinite(error) else math.inf
 
 
 def _self_check(device):

@@ -508,15 +508,18 @@ def test_triton_backend_falls_back_to_the_reference(reason, backend, launches):
     assert torch.equal(outputs[1], expected[1])
 
 
-@pytest.mark.parametrize("fault", ["wrong_result", "error"])
+@pytest.mark.parametrize("fault", ["wrong_result", "nan_result", "error"])
 def test_kernels_that_disagree_are_replaced_by_the_reference(fault, backend, launches,
                                                              monkeypatch):
-    """kernels_agree: a kernel that is off by 5% (or fails to run) makes the device use the
-    reference from then on, with one warning."""
+    """kernels_agree: a kernel that is off by 5%, returns NaN or fails to run makes the device use
+    the reference from then on, with one warning."""
     monkeypatch.setattr(kernels, "_agree", {})
     if fault == "wrong_result":
         real = group_norm.group_norm_act
         monkeypatch.setattr(group_norm, "group_norm_act", lambda *a, **k: real(*a, **k) * 1.05)
+    elif fault == "nan_result":
+        real = flash_attention.attention
+        monkeypatch.setattr(flash_attention, "attention", lambda *a, **k: real(*a, **k) * math.nan)
     else:
         def broken(*args, **kwargs):
             raise RuntimeError("no kernel image for this device")
