@@ -1016,7 +1016,8 @@ def load_image(path, height, width):
     upscaled?), or None if the file cannot be read."""
     try:
         with Image.open(path) as image:
-            image.draft("RGB", (width, height))                     # JPEG: decode at 1/2..1/8
+            turned = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF: stored sideways
+            image.draft("RGB", (height, width) if turned else (width, height))  # JPEG: 1/2..1/8
             image = to_rgb(ImageOps.exif_transpose(image))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None
@@ -1088,16 +1089,20 @@ def load_images(args, rank=0, log=print):
     name = os.path.basename(os.path.abspath(root or "procedural"))
     base = os.path.join(args.cache_dir, f"{name}-{h}x{w}-{key[:16]}")
     if int(os.environ.get("LOCAL_RANK", 0)) == 0 and not os.path.exists(base + ".npy"):
+        log(f"decoding {count} images into {base}.npy (once; later runs reuse it)")
         try:
             os.makedirs(args.cache_dir, exist_ok=True)
-        except OSError as error:
-            raise UserError(f"--cache_dir {args.cache_dir}: {error.strerror}") from None
-        log(f"decoding {count} images into {base}.npy (once; later runs reuse it)")
-        build_cache(base, count, h, w, decode, args.num_workers)
+            build_cache(base, count, h, w, decode, args.num_workers)
+        except OSError as error:                                    # not writable, disk full
+            raise UserError(f"--cache_dir {args.cache_dir}: {error.strerror or error}") from None
     while not os.path.exists(base + ".npy"):                        # another process builds it
         time.sleep(1)
-    with open(base + ".json") as f:
-        info = json.load(f)                                         # kept images and extras
+    try:
+        with open(base + ".json") as f:
+            info = json.load(f)                                     # kept images and extras
+    except (OSError, ValueError):
+        raise UserError(f"the dataset cache {base}.json is missing or damaged: delete "
+                        f"{base}.npy and run again") from None
     if root is None:
         labels = info["extras"]                                     # day / dusk
         log(f"dataset: {count} built-in procedural landscapes at {h}x{w}")
@@ -1572,8 +1577,11 @@ def train(args, ckpt=None):
             f"micro-batch: every batch repeats images", file=sys.stderr)
     run = build_run(args, ckpt, device, rank, world)
     if rank == 0:
-        for folder in ("samples", "checkpoints"):
-            os.makedirs(os.path.join(args.output_dir, folder), exist_ok=True)
+        try:
+            for folder in ("samples", "checkpoints"):
+                os.makedirs(os.path.join(args.output_dir, folder), exist_ok=True)
+        except OSError as error:                                    # a file, not writable
+            raise UserError(f"--output_dir {args.output_dir}: {error.strerror}") from None
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=2)
         progress = Progress(args, run)
@@ -1797,7 +1805,7 @@ def check_shared_args(args):
     if args.channel_mults is None:
         args.channel_mults = paper_channel_mults(*args.image_size)
     widths = [args.base_channels * m for m in args.channel_mults]
-    if not widths or any(w != int(w) or w < 4 for w in widths):
+    if not widths or any(not math.isfinite(w) or w != int(w) or w < 4 for w in widths):
         raise UserError(f"--base_channels x --channel_mults gives {widths} channels; every level "
                         f"needs a whole number of at least 4")
     (h, w), factor = unet_input_size(args), 2 ** (len(widths) - 1)
@@ -1821,6 +1829,11 @@ def check_shared_args(args):
         raise UserError(f"--dataset_path {args.dataset_path} is not a folder")
     if args.output_dir is None:
         args.output_dir = os.path.join("runs", METHOD, *(["generated"] if args.sample else []))
+    data = args.dataset_path and os.path.realpath(args.dataset_path)
+    for key in ("cache_dir", "output_dir") if data else ():         # its files would be read
+        if os.path.commonpath([data, os.path.realpath(getattr(args, key))]) == data:
+            raise UserError(f"--{key} {getattr(args, key)} is inside --dataset_path {data}: "
+                            "choose a folder outside it")
     return args
 
 

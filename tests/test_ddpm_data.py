@@ -351,6 +351,18 @@ def test_exif_orientation_is_applied(tmp_path):
         assert decoded[:, 35, 10].max() <= 8, name
 
 
+def test_a_sideways_jpeg_is_drafted_at_its_upright_size(tmp_path):
+    """JPEG draft (decoding at 1/2..1/8) picks its scale before the EXIF rotation: for a photo
+    stored sideways it must ask for the turned size, or a wide training size gets a decode too
+    small for it, which is then upscaled."""
+    image = Image.fromarray(np.full((1024, 2048, 3), 128, np.uint8))   # stored 2048 wide
+    exif = image.getexif()
+    exif[0x0112] = 6                                                    # upright: 1024 wide
+    image.save(tmp_path / "side.jpg", exif=exif, quality=90)
+    decoded, upscaled = ddpm.load_image(str(tmp_path / "side.jpg"), 64, 256)
+    assert decoded.shape == (3, 64, 256) and not upscaled
+
+
 def test_small_image_is_upscaled(tmp_path):
     image, upscaled = pixels(save(solid((10, 200, 10), 8, 8), tmp_path / "small.png"))
     assert upscaled
@@ -617,6 +629,53 @@ def test_a_dangling_symbolic_link_is_an_unreadable_file(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------
+def test_a_cache_that_cannot_be_written_is_a_user_error(tmp_path, monkeypatch):
+    save(solid(RED), tmp_path / "data" / "a.png")
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(np.lib.format, "open_memmap", refused)
+    with pytest.raises(ddpm.UserError, match="Permission denied"):
+        ddpm.load_dataset(dataset_args(tmp_path / "data", tmp_path / "cache"), log=print)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "missing"])
+def test_a_damaged_cache_list_is_a_user_error(tmp_path, damage):
+    """The .json beside a cached array (written before it, so only a hand or a failing disk can
+    spoil it) is refused with one line that says which file to delete."""
+    save(solid(RED), tmp_path / "data" / "a.png")
+    args = dataset_args(tmp_path / "data", tmp_path / "cache")
+    images, _, _ = ddpm.load_dataset(args, log=lambda m: None)
+    listing = images.filename[:-len(".npy")] + ".json"
+    del images
+    if damage == "garbage":
+        Path(listing).write_text("{not json")
+    else:
+        os.remove(listing)
+    with pytest.raises(ddpm.UserError, match="missing or damaged"):
+        ddpm.load_dataset(args, log=lambda m: None)
+
+
+def test_an_output_dir_that_is_a_file_is_a_user_error(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    status, _, err = run_main([*TINY, "--output_dir", tmp_path / "afile", "--cache_dir",
+                               tmp_path / "cache"], capsys)
+    assert_user_error(status, err)
+
+
+@pytest.mark.parametrize("key", ["cache_dir", "output_dir"])
+def test_a_folder_inside_the_dataset_is_refused(tmp_path, capsys, key):
+    """A cache or run folder inside the dataset would put its files among the training images
+    (the previews of one run would be trained on by the next)."""
+    data = tmp_path / "data"
+    save(solid(RED), data / "a.png")
+    folders = {"cache_dir": tmp_path / "cache", "output_dir": tmp_path / "run", key: data / "in"}
+    flags = [x for name, folder in folders.items() for x in (f"--{name}", folder)]
+    status, _, err = run_main(["--dataset_path", data, *TINY, *flags], capsys)
+    assert_user_error(status, err)
+    assert not (data / "in").exists()
+
+
 # User errors: exit status 2, one line on stderr
 # ------------------------------------------------------------------------------------------------
 
@@ -658,6 +717,8 @@ def test_class_conditional_with_images_in_the_root(tmp_path, capsys):
     ["--image_size", "abc"],
     ["--image_size", "0"],
     ["--channel_mults", "1,x"],
+    ["--channel_mults", "1,nan"],
+    ["--channel_mults", "1,inf"],
     ["--sampling_steps", "20", "--timesteps", "10"],
     ["--preview_steps", "20", "--timesteps", "10"],
     ["--sampler", "foo"],
