@@ -759,7 +759,8 @@ def build_cache(base, count, height, width, decode, num_workers):
     (N, 3, H, W), through a memory map: the dataset never has to fit in memory. decode(i) ->
     (image, extra) or None; the kept images are moved to the first rows, and `base`.json lists
     them with their extras. The array is renamed last: an interrupted build is never reused."""
-    tmp, shape = f"{base}.{os.getpid()}.tmp.npy", (3, height, width)
+    tmp = f"{base}.{os.uname().nodename}.{os.getpid()}.tmp.npy"     # one per builder, any node
+    shape = (3, height, width)
     try:
         array = np.lib.format.open_memmap(tmp, "w+", np.uint8, (count, *shape))
 

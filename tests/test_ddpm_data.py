@@ -550,7 +550,7 @@ def test_the_cache_depends_on_the_training_size_not_on_the_labels(tmp_path, monk
 
 def test_an_interrupted_build_is_never_used(tmp_path, monkeypatch):
     """A build that dies half-way (an error on the 4th image) leaves no array under its final name;
-    a killed one's leftovers (a temporary array of garbage under this process's id, a list of
+    a killed one's leftovers (a temporary array of garbage under this host and process id, a list of
     kept images without its array) are not taken for a cache either: the next run decodes
     everything again and gets the right pixels."""
     data, cache = tmp_path / "data", tmp_path / "cache"
@@ -570,7 +570,8 @@ def test_an_interrupted_build_is_never_used(tmp_path, monkeypatch):
     with pytest.raises(MemoryError):
         ddpm.load_dataset(dataset_args(data, cache, "--num_workers", "1"), log=lambda m: None)
     assert not (cache / f"{stem}.npy").exists()
-    (cache / f"{stem}.{os.getpid()}.tmp.npy").write_bytes(b"\x93NUMPY garbage")
+    leftover = cache / f"{stem}.{os.uname().nodename}.{os.getpid()}.tmp.npy"
+    leftover.write_bytes(b"\x93NUMPY garbage")
     (cache / f"{stem}.json").write_text(json.dumps({"kept": [0], "extras": [False]}))
     monkeypatch.setattr(ddpm, "load_image", real)
     calls = count_decodes(monkeypatch)
