@@ -1133,9 +1133,12 @@ def build_run(args, ckpt, device, rank, world):
     run.optimizer = torch.optim.AdamW(raw.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lambda _: lr_lambda(run, args))
     run.scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    torch.manual_seed(args.seed + rank)                             # noise, t, flips, dropout
-    np.random.seed(args.seed + rank)
-    random.seed(args.seed + rank)
+    # noise, t, flips, dropout: seeded per rank and from the step, so that a run resumed on
+    # another number of processes (whose generators the checkpoint lacks) does not replay step 0
+    seed = args.seed + rank + 100_003 * (ckpt["step"] if ckpt is not None else 0)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
     if ckpt is not None:
         raw.load_state_dict(ckpt["model"])
         run.ema.load_state_dict(ckpt["ema"])
@@ -1153,8 +1156,9 @@ def build_run(args, ckpt, device, rank, world):
             group.update(hyperparameters, lr=args.lr * run.scheduler.lr_lambdas[0](run.step))
         if ckpt["scaler"] and run.scaler.is_enabled():
             run.scaler.load_state_dict(ckpt["scaler"])
-        rng = ckpt["rng"]            # only rank 0's generators are saved: under DDP a resumed
-        if world == 1:               # run is statistically the same, not bitwise
+        rngs = [ckpt["rng"], *ckpt.get("rng_other_ranks", [])]     # format 3 had rank 0's only
+        if len(rngs) == world:
+            rng = rngs[rank]
             torch.set_rng_state(rng["torch"])
             if torch.cuda.is_available() and rng["cuda"]:
                 torch.cuda.set_rng_state_all(rng["cuda"])
@@ -1254,17 +1258,23 @@ def optimizer_step(run, args):
 
 # Copied from ddpm.save_run
 def save_run(run, args):
-    """checkpoints/step_<N>.pt and checkpoints/last.pt, with every generator the run draws from
-    (as tensors and lists, for weights_only loading)."""
+    """checkpoints/step_<N>.pt and checkpoints/last.pt, with every generator of every rank (as
+    tensors and lists, for weights_only loading). Every rank calls it; rank 0 writes."""
     name, keys, *rest = np.random.get_state()
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), *rest],
            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    rngs = [rng] * run.world
+    if run.world > 1:
+        dist.all_gather_object(rngs, rng)
+    if run.rank != 0:
+        return
     state = {"model": run.raw.state_dict(), "ema": run.ema.state_dict(),
              "swa": run.swa.state_dict() if run.swa is not None else None,
              "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
              "lr_scheduler": run.scheduler.state_dict(), "step": run.step, "nimg": run.nimg,
-             "args": vars(args), "rng": rng, "method": METHOD, "format_version": FORMAT_VERSION}
+             "args": vars(args), "rng": rngs[0], "rng_other_ranks": rngs[1:], "method": METHOD,
+             "format_version": FORMAT_VERSION}
     for name in (f"step_{run.step}.pt", "last.pt"):
         save_checkpoint(os.path.join(args.output_dir, "checkpoints", name), state)
 
@@ -1343,13 +1353,13 @@ def train(args, ckpt=None):
         start = time.perf_counter()
         loss = train_step(run, images, labels, args)
         grad_norm, lr = optimizer_step(run, args)
+        last = finished(run, args)
         if rank == 0:
             progress.update(run, loss, time.perf_counter() - start, grad_norm, lr)
-            last = finished(run, args)
             if run.step % args.sample_every == 0 or last:
                 progress.preview(run)
-            if run.step % args.save_every == 0 or last:
-                save_run(run, args)
+        if run.step % args.save_every == 0 or last:
+            save_run(run, args)
     if rank == 0:
         progress.bar.close()
         progress.writer.close()

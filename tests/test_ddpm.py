@@ -749,6 +749,24 @@ def test_stopping_and_resuming_equals_one_run(tiny, tmp_path):
         assert state_equal(a[key], b[key]), key
 
 
+def test_resume_on_another_number_of_processes_does_not_replay_step_0(tiny, tmp_path):
+    """A checkpoint of 2 processes resumed in 1 has no generators for that layout: the run draws
+    from a seed of the step, not the draws of step 0 again (a format-3 checkpoint, rank 0's
+    generators only, resumed in 1 process restores them)."""
+    ckpt = load(os.path.join(train_run(tiny, tmp_path, "run"), "checkpoints", "last.pt"))
+    args, cpu = ddpm.parse_args([str(a) for a in tiny]), torch.device("cpu")
+    world_2 = dict(ckpt, rng_other_ranks=[ckpt["rng"]])
+    format_3 = {key: value for key, value in ckpt.items() if key != "rng_other_ranks"}
+    draws = {}
+    for name, state in (("fresh", None), ("world 2", world_2), ("format 3", format_3)):
+        ddpm.build_run(args, state, cpu, 0, 1)
+        draws[name] = torch.rand(8)
+    assert not torch.equal(draws["world 2"], draws["fresh"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    assert torch.equal(draws["format 3"], torch.rand(8))
+    assert not torch.equal(draws["world 2"], draws["format 3"])
+
+
 def test_resume_keeps_the_run_configuration_and_explicit_flags_override_it(tiny, tmp_path):
     out = train_run(tiny, tmp_path, "run", "--lr", "5e-4", "--loss", "l1", "--weight_decay",
                     "0.01")
@@ -855,13 +873,21 @@ def test_non_finite_steps_stop_the_run(tiny, tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "nan" / "checkpoints" / "last.pt").exists()
 
 
-def test_torchrun_ddp_on_cpu_shares_one_dataset_file(tmp_path):
+def test_torchrun_ddp_on_cpu_shares_one_dataset_file_and_resumes_exactly(tmp_path):
     """2 processes (torchrun, gloo) on an image folder: rank 0 decodes it once into one array
-    file, both ranks map that file, and both end with the same weights."""
+    file, both ranks map that file, and both end with the same weights. Resumed at step 2 in 2
+    processes, the run ends with bitwise the weights of the uninterrupted one: each rank's
+    generators are saved and restored (rank 1's noise and timesteps differ otherwise)."""
     testing_utils.two_colour_folder(tmp_path / "data", size=16, count=10)
     cache = tmp_path / "cache"
     ckpt, records = testing_utils.assert_torchrun_ddp_on_cpu(
-        ddpm, TINY + ["--dataset_path", tmp_path / "data", "--cache_dir", cache], tmp_path)
+        ddpm, TINY + ["--dataset_path", tmp_path / "data", "--cache_dir", cache], tmp_path,
+        "--save_every", "2")
+    resumed, _ = testing_utils.assert_torchrun_ddp_on_cpu(
+        ddpm, ["--resume", tmp_path / "ddp" / "checkpoints" / "step_2.pt"], tmp_path,
+        name="resumed")
+    for key in ("model", "ema", "optimizer"):
+        assert testing_utils.state_equal(ckpt[key], resumed[key]), key
     assert [r["built"] for r in records] == [1, 0]
     arrays = sorted(p for p in os.listdir(cache) if p.endswith(".npy"))
     assert len(arrays) == 1 and [p for p in os.listdir(cache) if ".tmp" in p] == []

@@ -30,7 +30,7 @@ SYNOPSIS_FLAGS = ["--dataset_path", "--output_dir", "--preset", "--sample", "--c
 
 # CONVENTIONS.md "Outputs": every entry of every script's checkpoint, and its training scalars.
 CHECKPOINT_KEYS = {"model", "ema", "swa", "optimizer", "scaler", "lr_scheduler", "step", "args",
-                   "rng", "method", "format_version", "nimg"}
+                   "rng", "rng_other_ranks", "method", "format_version", "nimg"}
 TRAIN_SCALARS = ("train/loss", "train/lr", "train/grad_norm", "train/images_per_sec",
                  "train/peak_memory_mb")
 
@@ -330,16 +330,16 @@ def weights_hash(state_dict, model):
     return hashlib.sha256(b"".join(state_dict[n].numpy().tobytes() for n in names)).hexdigest()
 
 
-def assert_torchrun_ddp_on_cpu(script, tiny, tmp_path, *overrides):
+def assert_torchrun_ddp_on_cpu(script, tiny, tmp_path, *overrides, name="ddp"):
     """3 steps of `tiny` (then `overrides`, which may split the 3 steps otherwise) with gradient
     accumulation in 2 processes (torchrun, gloo), after
     checking that the run succeeds, that only rank 0 logs, and that both ranks end with the same
     weights. `--standalone` lets torchrun pick a free port: a fixed one makes two test sessions
-    on one machine wait for each other's rendezvous until the timeout. Returns the last
-    checkpoint and the two ranks' PROBE records."""
-    out = tmp_path / "ddp"
+    on one machine wait for each other's rendezvous until the timeout. Writes to tmp_path/name;
+    returns the last checkpoint and the two ranks' PROBE records."""
+    out = tmp_path / name
     out.mkdir()
-    probe = tmp_path / "probe.py"
+    probe = tmp_path / f"probe-{name}.py"
     probe.write_text(PROBE.format(root=ROOT, method=script.METHOD, out=str(out)))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(
