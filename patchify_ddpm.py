@@ -681,11 +681,12 @@ def procedural_landscape(index, height, width, seed=0):
 
 
 # Copied from ddpm.find_images
-def find_images(root, class_conditional):
-    """Image files under `root` (recursive, sorted, links followed once) and, when
-    `class_conditional`, class indices from the top-level subfolder names."""
-    paths, seen = [], set()
-    for folder, subfolders, files in os.walk(root, followlinks=True):
+def find_images(root, class_conditional, log=print):
+    """Image files under `root` (recursive, sorted, links followed once; a folder that cannot be
+    listed is skipped with a warning) and, when `class_conditional`, class indices from the
+    top-level subfolder names."""
+    paths, seen, unlisted = [], set(), []
+    for folder, subfolders, files in os.walk(root, followlinks=True, onerror=unlisted.append):
         if os.path.realpath(folder) in seen:                        # a link cycle
             subfolders.clear()
             continue
@@ -693,6 +694,9 @@ def find_images(root, class_conditional):
         subfolders.sort()
         paths += [os.path.join(folder, f) for f in sorted(files)
                   if f.lower().endswith(IMAGE_EXTENSIONS)]
+    if unlisted:
+        log(f"{METHOD}.py: warning: skipping {len(unlisted)} folder(s) that cannot be listed: "
+            + ", ".join(f"{e.filename} ({e.strerror})" for e in unlisted), file=sys.stderr)
     if not paths:
         raise UserError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
     if not class_conditional:
@@ -709,7 +713,8 @@ def find_images(root, class_conditional):
 # Copied from ddpm.to_rgb
 def to_rgb(image):
     """Any PIL image -> 8-bit RGB. 16-bit and float grayscale are rescaled (PIL's convert clips
-    them at 255); transparent pixels are composited over white (not the colour under alpha 0)."""
+    them at 255); transparent pixels (alpha, or a PNG's transparent index or colour key) are
+    composited over white (not the colour under them)."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
         if image.mode.startswith("I;16") or array.max() > 255:
@@ -717,7 +722,7 @@ def to_rgb(image):
         elif image.mode == "F" and array.max() <= 1.0:
             array = array * 255.0                                   # 1.0 -> 255
         return Image.fromarray(np.clip(array + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
     return image.convert("RGB")
@@ -792,7 +797,7 @@ def load_dataset(args, rank=0, log=print):
         source = ["procedural", count, args.seed]
         decode = functools.partial(procedural_landscape, height=h, width=w, seed=args.seed)
     else:
-        paths, labels, classes = find_images(root, args.class_conditional)
+        paths, labels, classes = find_images(root, args.class_conditional, log)
         count, decode = len(paths), lambda i: load_image(paths[i], h, w)
 
         def signature(path):                                        # a dangling link: None,

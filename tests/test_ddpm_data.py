@@ -206,6 +206,23 @@ def test_find_images_without_image_files_is_an_error(tmp_path):
         ddpm.find_images(str(tmp_path), class_conditional=False)
 
 
+def test_a_folder_that_cannot_be_listed_is_skipped_with_one_warning(tmp_path, monkeypatch,
+                                                                    capsys):
+    kept = save(solid(RED), tmp_path / "open" / "1.png")
+    save(solid(RED), tmp_path / "locked" / "1.png")
+    locked, real_scandir = str(tmp_path / "locked"), os.scandir
+
+    def scandir(path):                                          # chmod 000 does not stop root
+        if str(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert ddpm.find_images(str(tmp_path), False)[0] == [kept]
+    warnings = capsys.readouterr().err.splitlines()
+    assert len(warnings) == 1 and locked in warnings[0]
+
+
 def test_symbolic_link_cycles_are_entered_once(tmp_path):
     save(solid(RED), tmp_path / "a" / "1.png")
     os.symlink(tmp_path / "a", tmp_path / "a" / "loop")             # a/loop -> a
@@ -273,6 +290,19 @@ def test_gray_alpha_png_transparent_pixels_become_white(tmp_path):
     image, _ = pixels(save(Image.fromarray(la, "LA"), tmp_path / "la.png"))
     assert (image[:, :8] == WHITE).all()
     assert (image[:, 8:] == 30).all()
+
+
+@pytest.mark.parametrize("mode, key", [("L", 30), ("RGB", GREEN)])
+def test_colour_key_png_transparent_pixels_become_white(tmp_path, mode, key):
+    """A grayscale or RGB PNG whose tRNS chunk makes one value transparent (a colour key)."""
+    image = Image.new(mode, (16, 16), key)
+    image.paste(Image.new(mode, (16, 8), 200 if mode == "L" else RED), (0, 8))
+    path = save(image, tmp_path / f"{mode}.png", transparency=key)
+    with Image.open(path) as check:
+        assert check.mode == mode and check.info["transparency"] == key
+    image, _ = pixels(path)
+    assert (image[:8] == WHITE).all()
+    assert (image[8:] == ((200,) * 3 if mode == "L" else RED)).all()
 
 
 def palette_image(path, transparency=None):
