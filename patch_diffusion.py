@@ -804,7 +804,7 @@ def procedural_landscape(index, height, width, seed=0):
 
 
 # Copied from ddpm.find_images
-def find_images(root, class_conditional, log=print):
+def find_images(root, class_conditional, warn=True):
     """Image files under `root` (recursive, sorted, links followed once; a folder that cannot be
     listed is skipped with a warning) and, when `class_conditional`, class indices from the
     top-level subfolder names."""
@@ -817,9 +817,9 @@ def find_images(root, class_conditional, log=print):
         subfolders.sort()
         paths += [os.path.join(folder, f) for f in sorted(files)
                   if f.lower().endswith(IMAGE_EXTENSIONS)]
-    if unlisted:
-        log(f"{METHOD}.py: warning: skipping {len(unlisted)} folder(s) that cannot be listed: "
-            + ", ".join(f"{e.filename} ({e.strerror})" for e in unlisted), file=sys.stderr)
+    if unlisted and warn:
+        print(f"{METHOD}.py: warning: skipping {len(unlisted)} folder(s) that cannot be listed: "
+              + ", ".join(f"{e.filename} ({e.strerror})" for e in unlisted), file=sys.stderr)
     if not paths:
         raise UserError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
     if not class_conditional:
@@ -920,7 +920,7 @@ def load_dataset(args, rank=0, log=print):
         source = ["procedural", count, args.seed]
         decode = functools.partial(procedural_landscape, height=h, width=w, seed=args.seed)
     else:
-        paths, labels, classes = find_images(root, args.class_conditional, log)
+        paths, labels, classes = find_images(root, args.class_conditional, rank == 0)
         count, decode = len(paths), lambda i: load_image(paths[i], h, w)
 
         def signature(path):                                        # a dangling link: None,

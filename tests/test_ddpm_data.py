@@ -221,6 +221,8 @@ def test_a_folder_that_cannot_be_listed_is_skipped_with_one_warning(tmp_path, mo
     assert ddpm.find_images(str(tmp_path), False)[0] == [kept]
     warnings = capsys.readouterr().err.splitlines()
     assert len(warnings) == 1 and locked in warnings[0]
+    assert ddpm.find_images(str(tmp_path), False, warn=False)[0] == [kept]    # ranks but 0
+    assert capsys.readouterr().err == ""
 
 
 def test_symbolic_link_cycles_are_entered_once(tmp_path):
