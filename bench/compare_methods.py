@@ -152,7 +152,7 @@ def read_images(folder, count):
 def reference_images(args, size):
     """The reference images at `size`, uint8 (N, 3, H, W), decoded as training decodes them."""
     data = argparse.Namespace(image_size=size, dataset_path=args.reference or args.dataset_path,
-                              class_conditional=False, num_workers=4, seed=0,   # as evaluate.py
+                              class_conditional=False, num_workers=4, seed=args.seed,
                               cache_dir=os.path.join(args.work_dir, "cache"),
                               procedural_size=args.procedural_size)
     return ddpm.load_dataset(data, log=lambda line: None)[0]
@@ -171,7 +171,8 @@ def scores(samples, args, weights_ok):
                  "--cache_dir", os.path.join(args.work_dir, "cache"), "--output_dir",
                  samples + "-metrics", "--seed", str(args.seed)]
         flags += (["--reference", args.reference or args.dataset_path] if args.reference or
-                  args.dataset_path else ["--reference_size", str(args.procedural_size)])
+                  args.dataset_path else ["--reference_size", str(args.procedural_size),
+                                          "--reference_seed", str(args.seed)])
         flags += ["--inception_weights", args.inception_weights] if args.inception_weights else []
         metrics = evaluate.evaluate(evaluate.build_parser().parse_args(flags))
         out.update(fid=metrics["fid"], kid=(metrics["kid_mean"], metrics["kid_std"]))

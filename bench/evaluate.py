@@ -16,7 +16,7 @@ of images, the sampler and its steps, the seconds taken and the device.
   (recursive) but the grid.png and trajectory.gif that `--sample` writes beside its samples; all
   must have one size.
 - **Reference.** The images of --reference (default: the built-in landscapes, --reference_size
-  of them), decoded as training decodes them (upright by EXIF, RGB, resized to cover the samples'
+  of them, of --reference_seed: by default the checkpoint's training seed), decoded as training decodes them (upright by EXIF, RGB, resized to cover the samples'
   size and centre-cropped) into the same cache file a training run at that size uses (--cache_dir).
   Its features, mean and covariance are cached beside it per feature network, so a second
   evaluation against the same folder at the same size reads no image; a changed folder (file
@@ -233,7 +233,7 @@ def reference_statistics(args, height, width, net, fingerprint):
     data = argparse.Namespace(image_size=[height, width], dataset_path=args.reference,
                               class_conditional=False, cache_dir=args.cache_dir,
                               num_workers=args.num_workers, procedural_size=args.reference_size,
-                              seed=0)
+                              seed=args.reference_seed)
     images = ddpm.load_dataset(data, log=lambda line: print(line, file=sys.stderr))[0]
     path = f"{images.filename[:-len('.npy')]}-inception-{fingerprint}.npz"   # (N, 3, H, W)
     if not os.path.exists(path):
@@ -266,13 +266,13 @@ def checkpoint_method(args):
         raise UserError(f"{args.checkpoint} is not a checkpoint of this repository's scripts "
                         f"({', '.join(m + '.py' for m in METHODS)})")
     return (ckpt["method"], args.sampler or ckpt["args"].get("sampler"),
-            args.sampling_steps or ckpt["args"].get("sampling_steps"))
+            args.sampling_steps or ckpt["args"].get("sampling_steps"), ckpt["args"].get("seed"))
 
 
 def sample_checkpoint(args, out_dir):
     """Draw --num_samples images with the script that wrote --checkpoint, in this process, into
     out_dir. -> a record of what was run: method, sampler, steps, seconds, peak memory."""
-    method, sampler, steps = checkpoint_method(args)
+    method, sampler, steps, _ = checkpoint_method(args)
     argv = ["--sample", "--checkpoint", args.checkpoint, "--output_dir", out_dir,
             "--num_samples", str(args.num_samples), "--batch_size", str(args.batch_size),
             "--seed", str(args.seed), "--sampler", str(sampler), "--sampling_steps", str(steps)]
@@ -313,6 +313,9 @@ def build_parser():
     p.add_argument("--reference", help="the real images' folder (default: built-in landscapes)")
     p.add_argument("--reference_size", type=pos, default=4096,
                    help="built-in landscapes in the reference (without --reference)")
+    p.add_argument("--reference_seed", type=ddpm.at_least(0),
+                   help="their seed (default: the checkpoint's --seed, the landscapes it trained "
+                   "on; with --samples 0)")
     p.add_argument("--num_samples", type=pos, default=10_000, help="with --checkpoint")
     p.add_argument("--sampler", help="with --checkpoint (default: the checkpoint's)")
     p.add_argument("--sampling_steps", type=pos, help="with --checkpoint (default: its own)")
@@ -353,8 +356,9 @@ def evaluate(args):
     if count < args.kid_subset_size:
         raise UserError(f"{count} samples: KID needs at least --kid_subset_size "
                         f"{args.kid_subset_size}; lower it or give more samples")
-    if args.checkpoint:
-        checkpoint_method(args)
+    training_seed = checkpoint_method(args)[3] if args.checkpoint else None
+    if args.reference_seed is None:
+        args.reference_seed = training_seed or 0
     weights, fingerprint = inception_weights(args.inception_weights)
     start, record = time.perf_counter(), {}
     if args.checkpoint:                  # before the network is built: its peak memory is its own
@@ -379,7 +383,8 @@ def evaluate(args):
                "num_samples": len(samples), "num_reference": len(ref),
                "resolution": f"{samples.height}x{samples.width}",
                "samples": args.samples or os.path.join(out, "samples"),
-               "reference": args.reference or f"built-in landscapes ({args.reference_size})",
+               "reference": args.reference or f"built-in landscapes ({args.reference_size}, "
+                                              f"seed {args.reference_seed})",
                "reference_features": cache, "inception_weights": fingerprint,
                "kid_subsets": args.kid_subsets, "kid_subset_size": args.kid_subset_size,
                "sampler": None, "sampling_steps": None, **record,

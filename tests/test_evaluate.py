@@ -197,15 +197,20 @@ def test_a_checkpoint_is_sampled_by_its_own_script_whatever_the_batch(tmp_path, 
                                                                       monkeypatch):
     """A patch_ddpm.py checkpoint is sampled by patch_ddpm.main (ddpm.py would refuse it): the
     same images, hence the same numbers, in batches of 2 and of 4; the record says how. A second
-    evaluation of fewer samples into the same folder scores only its own."""
+    evaluation of fewer samples into the same folder scores only its own. The reference is the
+    landscapes of the checkpoint's seed."""
     tiny = ["--image_size", "16", "--patch_divider", "2", "--base_channels", "8",
             "--channel_mults", "1,2", "--attention_resolutions", "4", "--num_heads", "2",
             "--batch_size", "4", "--procedural_size", "8", "--timesteps", "100",
-            "--preview_samples", "2", "--preview_steps", "2", "--cache_dir", tmp_path / "cache"]
+            "--preview_samples", "2", "--preview_steps", "2", "--cache_dir", tmp_path / "cache",
+            "--seed", "3"]
     run_dir = testing_utils.train_run(patch_ddpm, tiny, tmp_path, "run")
     checkpoint = os.path.join(run_dir, "checkpoints", "last.pt")
     calls, sample_main = [], patch_ddpm.main
     monkeypatch.setattr(patch_ddpm, "main", lambda argv: calls.append(argv) or sample_main(argv))
+    seeds, load_dataset = [], ddpm.load_dataset           # the landscapes it trained on: seed 3
+    monkeypatch.setattr(ddpm, "load_dataset", lambda data, **k: seeds.append(data.seed)
+                        or load_dataset(data, **k))
     common = ["--checkpoint", checkpoint, "--inception_weights", "random", "--kid_subset_size",
               3, "--kid_subsets", 4, "--reference_size", 6, "--sampling_steps", 3,
               "--cache_dir", tmp_path / "cache"]
@@ -227,6 +232,7 @@ def test_a_checkpoint_is_sampled_by_its_own_script_whatever_the_batch(tmp_path, 
     assert (record["method"], record["sampler"], record["sampling_steps"], record["num_samples"]) \
         == ("patch_ddpm", "ddim", 3, 5)
     assert fewer["num_samples"] == 3
+    assert seeds == [3, 3, 3]
 
 
 @pytest.mark.parametrize("case", ["weights missing", "offline", "empty folder", "too few for KID",
