@@ -16,8 +16,9 @@ of images, the sampler and its steps, the seconds taken and the device.
   (recursive) but the grid.png and trajectory.gif that `--sample` writes beside its samples; all
   must have one size.
 - **Reference.** The images of --reference (default: the built-in landscapes, --reference_size
-  of them, of --reference_seed: by default the checkpoint's training seed), decoded as training decodes them (upright by EXIF, RGB, resized to cover the samples'
-  size and centre-cropped) into the same cache file a training run at that size uses (--cache_dir).
+  of them, of --reference_seed: by default the checkpoint's training seed), decoded as training
+  decodes them (upright by EXIF, RGB, resized to cover the samples' size and centre-cropped) into
+  the same cache file a training run at that size uses (--cache_dir).
   Its features, mean and covariance are cached beside it per feature network, so a second
   evaluation against the same folder at the same size reads no image; a changed folder (file
   list, sizes, modification times) gets new ones. Decoded like the training data, not read as

@@ -4,7 +4,9 @@ targets are judged correctly, and
 compare_peer's and patch_diffusion_claims' metrics are right (no timing is asserted: speed lives
 in bench/)."""
 
+import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -17,6 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import bench_kernels  # noqa: E402
 import bench_methods  # noqa: E402
 import compare_peer  # noqa: E402
+import ddpm  # noqa: E402
 import patch_diffusion_claims  # noqa: E402
 import patch_dm_claims  # noqa: E402
 import patch_diffusion as pd  # noqa: E402
@@ -180,6 +183,42 @@ def test_noise_and_class_scores():
     assert noisy == 5 and fd > 0.1 and covered in (1, 2)
     fd, noisy, covered = compare_peer.score(flat[:2], flat, [0, 0, 1, 1])
     assert noisy == 0 and covered == 1
+
+
+def test_compare_peer_floors_step_times_and_bad_input(tmp_path, capsys):
+    """On the built-in landscapes the table has a held-out floor (landscapes no run trains on)
+    near the drawn one and far below noise; --time_only times every row (median inside its
+    range); bad input is one line and status 2 before any work."""
+    out = tmp_path / "table.md"
+    args = compare_peer.parse_args(["--no_peer", "--out", str(out), "--image_size", "16",
+                                    "--num_real", "64", "--num_samples", "32"])
+    real, labels, _ = compare_peer.real_images(args, str(tmp_path / "work"))
+    compare_peer.write_table(args, [], real, labels)
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in
+             out.read_text().splitlines() if line.startswith(("| real", "| uniform"))]
+    fd = {row[0]: float(row[5]) for row in cells}
+    assert fd["real images (held out)"] < 0.2 * fd["uniform noise"]
+    assert fd["real images (drawn)"] < 0.2 * fd["uniform noise"]
+    capsys.readouterr()
+    assert ddpm.parse_args(compare_peer.budget_flags(args)).procedural_size == 64   # as the peer
+    assert compare_peer.main(["--no_peer", "--time_only", "--out", str(tmp_path / "steps.md"),
+                              "--image_size", "8", "--dim", "8", "--channel_mults", "1",
+                              "--batch_size", "2", "--variant", "eps=", "--variant",
+                              "v=--prediction v --attention_resolutions ''"]) == 0
+    rows = [line for line in (tmp_path / "steps.md").read_text().splitlines()
+            if line.startswith(("| eps |", "| v |"))]
+    assert len(rows) == 2
+    for row in rows:
+        median, fastest, slowest = map(float, re.findall(r"\d+\.\d+", row.split("|")[3]))
+        assert 0 < fastest <= median <= slowest
+    bad = [["--no_peer", "--out", str(tmp_path / "missing" / "t.md")],
+           ["--no_peer", "--out", str(out), "--variant", "x=--lr -1"]]
+    if importlib.util.find_spec("denoising_diffusion_pytorch") is None:
+        bad.append(["--out", str(out)])                             # the peer is missing
+    for argv in bad:
+        assert compare_peer.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("compare_peer.py: error: ")
 
 
 def test_compare_peer_ddpm_rows_run_end_to_end(tmp_path):
