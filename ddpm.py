@@ -1073,6 +1073,13 @@ class Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default in --help, but none for None: the flag's help says what happens then."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def at_least(low, kind=int, below=math.inf):
     """An argparse type: a number of `kind` in [low, below) (NaN is refused too)."""
     def number(text):
@@ -1111,7 +1118,7 @@ def add_flag(parser, groups, group, name, default=None, help="", **kw):
 def build_parser():
     """Every flag, its default (the quick preset) shown in --help. A preset, and a resumed run's
     configuration, are applied with set_defaults by parse_args."""
-    p = Parser(prog=f"{METHOD}.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = Parser(prog=f"{METHOD}.py", formatter_class=HelpFormatter,
                description="Train on a folder of images (or the built-in landscapes), or sample "
                "a checkpoint with --sample. Explicit flags override --preset.")
     p.set_defaults(num_classes=0)
@@ -1125,7 +1132,7 @@ def build_parser():
     add("mode", "sample", False, "sample --checkpoint instead of training")
     add("mode", "checkpoint", help="checkpoint to sample (with --sample)")
     add("mode", "dry_run", False, "print the resolved configuration and exit")
-    add("data", "dataset_path", help="image folder (recursive); none: built-in landscapes")
+    add("data", "dataset_path", help="image folder (recursive) (default: built-in landscapes)")
     add("data", "cache_dir", os.path.join("runs", "cache"), "where decoded datasets are kept")
     add("data", "image_size", "32", "training resolution, N or HxW", type=image_size)
     add("data", "class_conditional", False, "top-level subfolders are classes (built-in: 2)")
@@ -1169,7 +1176,8 @@ def build_parser():
     add("run", "preview_steps", 50, "--sampler steps of a preview", type=pos)
     add("run", "log_every", 10, "log every N steps", type=pos)
     add("run", "seed", 0, "random seed", type=nonneg)
-    add("run", "resume", help="'latest' (OUTPUT_DIR/checkpoints/last.pt) or a checkpoint path")
+    add("run", "resume", help="'latest' (OUTPUT_DIR/checkpoints/last.pt) or a checkpoint path "
+        "(default: a new run)")
     add("run", "kernels", "auto", "group norm and attention", choices=["auto", "triton", "torch"])
     add("sampling", "sampler", "ddim", "; ".join(f"{k}: {v}" for k, v in SAMPLERS.items()),
         choices=list(SAMPLERS))

@@ -67,6 +67,7 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from ddpm import HelpFormatter  # noqa: E402
 from report import emit, table  # noqa: E402  (bench/, next to this file)
 
 
@@ -157,16 +158,9 @@ DEFAULTS = {"cpu": {"iters": 5, "sample_iters": 3, "warmup": 2},
 RESULT_PREFIX = "BENCH_RESULT "
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except None (those flags say in their help what they default to)."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=_HelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--suite", nargs="+", choices=sorted(SUITES), default=["ddpm"],
                    help="groups of rows to run (ignored when --rows is given)")
     p.add_argument("--rows", nargs="+", choices=[r.name for r in ROWS],

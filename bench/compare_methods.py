@@ -236,7 +236,7 @@ def table(args, rows, real, why_not):
 
 def main(argv=None):
     p = ddpm.Parser(prog="bench/compare_methods.py", description=__doc__.split("\n")[0],
-                    formatter_class=evaluate.HelpFormatter)
+                    formatter_class=ddpm.HelpFormatter)
     pos, real = ddpm.at_least(1), ddpm.at_least(0.0, float)
     p.add_argument("--methods", nargs="+", choices=evaluate.METHODS, default=evaluate.METHODS,
                    help="the scripts to compare")

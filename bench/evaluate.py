@@ -296,17 +296,9 @@ def sample_checkpoint(args, out_dir):
 # CLI
 # ------------------------------------------------------------------------------------------------
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help with each flag's default, but none for a default of None (the help says what then
-    happens)."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
 def build_parser():
     p = ddpm.Parser(prog="bench/evaluate.py", description=__doc__.split("\n")[0],
-                    formatter_class=HelpFormatter)
+                    formatter_class=ddpm.HelpFormatter)
     pos = ddpm.at_least(1)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--checkpoint", help="sample this checkpoint with the script that wrote it")

@@ -12,7 +12,9 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from PIL import Image
+from torch.nn.parallel import DistributedDataParallel
 
 import ddpm
 import testing_utils
@@ -439,6 +441,52 @@ def test_micro_batch_step_backpropagates_every_term_and_returns_their_sum():
     assert torch.allclose(w.grad, (1 + 2 + 2 * w.detach()) / 2)
 
 
+@pytest.mark.parametrize("sync", [True, False])
+def test_under_ddp_only_the_last_term_of_the_syncing_micro_batch_all_reduces(tmp_path, sync):
+    """A one-process DDP (gloo): every loss term's forward and backward run inside DDP's no_sync
+    but the last term of the micro-batch that syncs (the last of an accumulation round); the
+    gradients are those without DDP."""
+    torch.manual_seed(0)
+    model, x, events = torch.nn.Linear(3, 1), torch.randn(4, 3), []
+
+    class ThreeTerms:
+        def training_losses(self, net, x0, y=None):
+            return [lambda k=k: (net(x0) * k).pow(2).mean() for k in (1.0, 2.0, 3.0)]
+
+    class Scaler:                                                   # records each backward
+        def scale(self, loss):
+            events.append("backward")
+            return loss
+    args = argparse.Namespace(accumulation_iters=1)
+    ddpm.micro_batch_step(model, ThreeTerms(), x, None, args, Scaler(), contextlib.nullcontext(),
+                          sync)
+    reference, events[:] = [p.grad.clone() for p in model.parameters()], []
+    model.zero_grad()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        ddp = DistributedDataParallel(model)
+        no_sync = ddp.no_sync
+
+        @contextlib.contextmanager
+        def recorded_no_sync():
+            with no_sync():
+                events.append("enter")
+                yield
+                events.append("exit")
+        ddp.no_sync = recorded_no_sync
+        model.register_forward_pre_hook(lambda m, inputs: events.append("forward"))
+        ddpm.micro_batch_step(ddp, ThreeTerms(), x, None, args, Scaler(),
+                              contextlib.nullcontext(), sync)
+    finally:
+        dist.destroy_process_group()
+    term = ["forward", "backward"]
+    assert events == (["enter"] + term + ["exit"]) * 2 + (term if sync else
+                                                          ["enter"] + term + ["exit"])
+    for p, g in zip(model.parameters(), reference):
+        assert torch.allclose(p.grad, g, rtol=1e-6, atol=1e-7)
+
+
 def test_gradient_accumulation_equals_one_big_batch(monkeypatch):
     """One micro-batch of 4 and two of 2 (--accumulation_iters 2) give the same loss and the same
     gradient for the same images, timesteps and noise (dropout 0)."""
@@ -698,22 +746,26 @@ def test_sample_refuses_class_flags_on_an_unconditional_model(plain, tmp_path, c
 
 
 @pytest.mark.parametrize("mode", ["sample", "resume"])
-def test_a_preset_given_with_a_checkpoint(plain, tmp_path, capsys, mode):
+def test_a_preset_given_with_a_checkpoint(plain, tmp_path, capsys, monkeypatch, mode):
     """--preset with --sample or --resume: the checkpoint's configuration applies over the
-    preset's (flags given win over both), or the combination is refused as a user error; never a
-    traceback."""
+    preset's, and flags given win over both."""
     ckpt = os.path.join(plain, "checkpoints", "last.pt")
+    trained = load(ckpt)["args"]
     argv = (["--sample", "--checkpoint", ckpt, "--num_samples", "1"] if mode == "sample" else
             ["--resume", ckpt, "--max_steps", "3"])
+    used, sample_main = [], ddpm.sample_main
+    monkeypatch.setattr(ddpm, "sample_main", lambda args, c: used.append(args) or
+                        sample_main(args, c))
     status, _, err = testing_utils.run_main(ddpm, [*argv, "--preset", "paper", "--output_dir",
                                                    tmp_path / "out"], capsys)
-    if status == 2:
-        testing_utils.assert_user_error(ddpm, status, err)
-    else:
-        assert status == 0, err
-        if mode == "resume":
-            resumed = load(tmp_path / "out" / "checkpoints" / "last.pt")
-            assert resumed["args"]["base_channels"] == 8 and resumed["step"] == 3
+    assert status == 0, err
+    if mode == "resume":
+        resumed = load(tmp_path / "out" / "checkpoints" / "last.pt")
+        used.append(argparse.Namespace(**resumed["args"]))
+        assert resumed["step"] == 3 and used[0].max_steps == 3             # the flag given
+    paper = ddpm.PRESETS["paper"]
+    for key in ("base_channels", "lr", "batch_size", "sampler", "sampling_steps", "variance"):
+        assert getattr(used[0], key) == trained[key] != paper[key], key
 
 
 # ------------------------------------------------------------------------------------------------

@@ -363,9 +363,15 @@ def test_cmyk_tiff(tmp_path):
 
 
 def test_to_rgb_returns_8_bit_rgb_for_every_mode():
+    """A new image of each mode is all zeros: black, but white where alpha 0 makes it
+    transparent and in CMYK (no ink); YCbCr's zeros are the colour PIL converts them to."""
     for mode in ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "I;16", "I", "F"):
-        converted = ddpm.to_rgb(Image.new(mode, (4, 3)))
+        image = Image.new(mode, (4, 3))
+        converted = ddpm.to_rgb(image)
         assert converted.mode == "RGB" and converted.size == (4, 3), mode
+        expected = (np.asarray(image.convert("RGB")) if mode == "YCbCr" else
+                    255 if mode in ("LA", "PA", "RGBA", "CMYK") else 0)
+        assert (np.asarray(converted) == expected).all(), mode
 
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -431,12 +437,21 @@ def test_centre_crop_to_a_non_square_training_size(tmp_path):
     assert (image == GREEN).all()
 
 
-def test_odd_sizes_are_resized_and_cropped(tmp_path):
+def test_odd_sizes_are_resized_to_cover_and_centre_cropped(tmp_path):
+    """Scaled by max(H / h, W / w), keeping the aspect (bicubic up, Lanczos down), then the
+    centre H x W: PIL's own resize and crop of the same image, not a stretch."""
     rng = np.random.default_rng(3)
-    for h, w in ((7, 13), (31, 9), (17, 17)):
-        image, upscaled = pixels(save(rng.integers(0, 256, (h, w, 3), dtype=np.uint8),
-                                      tmp_path / f"{h}x{w}.png"), height=12, width=10)
+    for h, w in ((7, 13), (31, 9), (17, 17), (40, 24)):
+        array = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        image, upscaled = pixels(save(array, tmp_path / f"{h}x{w}.png"), height=12, width=10)
+        scale = max(12 / h, 10 / w)
+        size = (max(10, round(w * scale)), max(12, round(h * scale)))
+        resized = Image.fromarray(array).resize(size, Image.BICUBIC if scale > 1 else
+                                                Image.LANCZOS)
+        left, top = (size[0] - 10) // 2, (size[1] - 12) // 2
+        assert np.array_equal(image, np.asarray(resized.crop((left, top, left + 10, top + 12))))
         assert upscaled == (h < 12 or w < 10)
+        assert not np.array_equal(image, np.asarray(Image.fromarray(array).resize((10, 12))))
 
 
 @pytest.mark.parametrize("make", [truncated_jpeg, empty_png, text_as_jpg],
@@ -685,8 +700,9 @@ def test_a_damaged_cache_list_is_a_user_error(tmp_path, damage):
         Path(listing).write_text("{not json")
     else:
         os.remove(listing)
-    with pytest.raises(ddpm.UserError, match="missing or damaged"):
+    with pytest.raises(ddpm.UserError) as error:
         ddpm.load_dataset(args, log=lambda m: None)
+    assert listing[:-len(".json")] + ".npy" in str(error.value)      # the file to delete
 
 
 def test_an_output_dir_that_is_a_file_is_a_user_error(tmp_path, capsys):
@@ -770,15 +786,15 @@ def test_bad_flags(tmp_path, capsys, flags):
     testing_utils.assert_refused_before_any_work(ddpm, [*TINY, *flags], tmp_path, capsys)
 
 
-def test_an_odd_base_width_trains_or_is_refused(tmp_path, capsys):
-    """--base_channels 5 passes every check of the widths (5 >= 4); then it must train, or be
-    refused as a user error, not crash."""
+def test_an_odd_base_width_trains(tmp_path, capsys):
+    """--base_channels 5 passes every check of the widths (5 >= 4), and trains: its group norms
+    take the one group that divides 5 channels into groups of at least 4."""
     status, _, err = run_main([*TINY, "--base_channels", "5", "--channel_mults", "1",
                                "--num_heads", "1", "--attention_resolutions", "",
                                "--max_steps", "1", "--output_dir", tmp_path / "run",
                                "--cache_dir", tmp_path / "cache"], capsys)
-    if status != 0:
-        assert_user_error(status, err)
+    assert status == 0, err
+    assert (tmp_path / "run" / "checkpoints" / "step_1.pt").is_file()
 
 
 def test_resume_latest_without_a_checkpoint(tmp_path, capsys):
@@ -890,13 +906,12 @@ def test_cli_user_error_end_to_end(tmp_path):
 
 
 def test_help_lists_every_shared_flag_with_its_default(capsys):
-    text = testing_utils.help_text(ddpm, capsys)
-    blocks = {m.group(1): m.group(0) for m in
-              re.finditer(r"^  (--\w+).*?(?=^  -|^\S|\Z)", text, flags=re.M | re.S)}
+    blocks = testing_utils.help_blocks(ddpm, capsys)
     for flag in SHARED_FLAGS + SYNOPSIS_FLAGS:
         assert flag in blocks, f"{flag} missing from --help"
     for flag in SHARED_FLAGS:
         assert "default" in blocks[flag], f"{flag}'s help does not show its default"
+    assert not [flag for flag, block in blocks.items() if "(default: None)" in block]
 
 
 def test_dry_run_prints_the_configuration_and_writes_nothing(tmp_path, capsys, monkeypatch):

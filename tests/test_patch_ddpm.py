@@ -211,8 +211,10 @@ def test_chunked_loss_and_gradients_are_those_of_the_full_image(loss, prediction
 
 
 def test_under_ddp_every_chunk_but_the_last_runs_in_no_sync(tmp_path):
-    """A one-process DDP (gloo): each chunk's forward and backward run in DDP's no_sync except
-    the last one, which all-reduces; the gradients are those without DDP."""
+    """The chunks are terms that run their own forward when called (ddpm.py's test covers the
+    no_sync logic of micro_batch_step): in a one-process DDP (gloo) each chunk's forward and
+    backward run inside no_sync except the last one's, which all-reduces; a chunk whose forward
+    ran before its term was called would not. The gradients are those without DDP."""
     args = tiny_args()
     model = randomize(patch_ddpm.build_model(args))
     diffusion, x0 = patch_ddpm.build_diffusion(args), torch.rand(2, 3, 16, 16) * 2 - 1
@@ -380,13 +382,6 @@ def test_learns_the_colour_of_every_patch_position(tmp_path):
         "negative_patch_batch", "divider_not_a_choice"])
 def test_bad_flags_exit_2(tmp_path, capsys, flags):
     assert_user_error(TINY + flags, capsys, tmp_path)
-
-
-def test_a_ddpm_checkpoint_is_refused(tmp_path, capsys):
-    path = str(tmp_path / "ddpm.pt")
-    torch.save({"method": "ddpm", "format_version": patch_ddpm.FORMAT_VERSION, "args": {}}, path)
-    assert_user_error(["--sample", "--checkpoint", path], capsys, tmp_path)
-    assert_user_error(TINY + ["--resume", path], capsys, tmp_path)
 
 
 def test_train_resume_and_sample(tmp_path, capsys):

@@ -174,16 +174,21 @@ def test_a_step_takes_batch_times_r_over_s_crops(factor, monkeypatch):
     assert run.nimg == 2 * 2 * 4 * factor and ks == list(range(4 * factor))
 
 
-def test_ema_halflife_0_keeps_the_ema_decay_per_step():
+def test_ema_decay_is_edms_half_life_in_crops_and_halflife_0_keeps_the_decay(monkeypatch):
+    """EDM's beta = 0.5 ** (crops of the step / half-life), the half-life min(--ema_halflife_kimg
+    x 1000, 0.05 x nimg); the crops of a step of factor f are f x batch x accumulation."""
     args = tiny_args("--ema_halflife_kimg", "0", "--ema_decay", "0.9")
     run = pd.build_run(args, None, CPU, 0, 1)
     pd.train_step(run, random_images(), None, args)
     assert run.ema.decay == 0.9
+    monkeypatch.setattr(pd, "draw_patch_factor", lambda args, done: 4)
     args = tiny_args("--ema_halflife_kimg", "1")
-    run = pd.build_run(args, None, CPU, 0, 1)
-    run.nimg = 100_000                                              # past the ramp-up
-    pd.train_step(run, random_images(), None, args)
-    assert run.ema.decay in [0.5 ** (4 * f / 1000) for f in pd.PATCH_FACTORS]
+    crops = 4 * args.batch_size * args.accumulation_iters
+    for nimg, halflife in ((100_000, 1000), (1000, 50)):            # past and in the ramp-up
+        run = pd.build_run(args, None, CPU, 0, 1)
+        run.nimg = nimg
+        pd.train_step(run, random_images(), None, args)
+        assert run.ema.decay == pytest.approx(0.5 ** (crops / halflife), rel=1e-12)
 
 
 def test_lr_ramp_and_decay_count_crops():
@@ -272,18 +277,27 @@ def test_sampler_flags_reach_the_formulation():
     assert pd.build_diffusion(args).churn == dict(S_churn=30, S_min=0.1, S_max=20, S_noise=1.01)
 
 
-def test_guidance_is_on_the_denoiser():
-    """Guidance on F gives D_u + s (D_c - D_u), the original's sample_with_cfg."""
+def test_guided_sampling_is_heun_on_the_guided_denoiser():
+    """sample() with guidance s is EDM's sampler on D_u + s (D_c - D_u) (the original's
+    sample_with_cfg), from each image's seeded noise; s = 1 is not."""
     args = tiny_args("--class_conditional")
     args.num_classes = 2
     model, edm = randomize(pd.build_model(args)).eval(), pd.EDM()
-    x, y, sigma = torch.randn(2, 3, 16, 16), torch.tensor([0, 1]), torch.tensor(1.3)
+    shape, seeds, y = (2, 3, 16, 16), [4, 7], torch.tensor([0, 1])
     null = torch.full_like(y, 2)
 
-    def d(labels, scale=1.0):
-        return edm.denoise(lambda z, c: pd.guided_output(model, z, c, labels, scale), x, sigma)
-    expected = d(null) + 2.5 * (d(y) - d(null))
-    assert torch.allclose(d(y, 2.5), expected, atol=1e-5)
+    def guided(x, sigma):
+        d_c, d_u = (edm.denoise(lambda z, c: model(z, c, labels).float(), x, sigma)
+                    for labels in (y, null))
+        return d_u + 2.5 * (d_c - d_u)
+    noise = pd.per_image_noise(shape, seeds, CPU)
+    with torch.no_grad():
+        expected = pd.heun_sampler(guided, noise(), pd.karras_sigmas(3), **edm.churn,
+                                   noise_fn=noise).clamp(-1, 1).float()
+    got = pd.sample(model, edm, shape, seeds, "heun", 3, y=y, guidance_scale=2.5)
+    assert torch.allclose(got, expected, atol=1e-4)                 # float32, batched or not
+    assert not torch.allclose(pd.sample(model, edm, shape, seeds, "heun", 3, y=y), expected,
+                              atol=1e-3)
 
 
 def plain_edm_loss(net, images, k, args):
@@ -389,13 +403,13 @@ def test_learns_two_colours_from_crops(tmp_path, capsys):
 # The command line
 
 
-def test_help_documents_the_flags(capsys):
-    text = testing_utils.help_text(pd, capsys)
-    for flag in testing_utils.SHARED_FLAGS + testing_utils.SYNOPSIS_FLAGS + [
-            "--formulation", "--real_p", "--progressive", "--max_kimg", "--warmup_kimg",
-            "--ema_halflife_kimg", "--S_churn", "--S_min", "--S_max", "--S_noise"]:
-        assert flag in text, flag
-    assert "2N - 1" in text
+def test_help_documents_the_method_flags(capsys):
+    """Each of the method's own flags has its block in --help, with its default (the shared ones
+    are ddpm.py's test)."""
+    blocks = testing_utils.help_blocks(pd, capsys)
+    for flag in ["--formulation", "--real_p", "--progressive", "--max_kimg", "--warmup_kimg",
+                 "--ema_halflife_kimg", "--S_churn", "--S_min", "--S_max", "--S_noise"]:
+        assert "default" in blocks[flag], flag
 
 
 @pytest.fixture
@@ -511,10 +525,3 @@ def test_full_images_only_need_the_unets_divisibility():
         "max_kimg", "progressive_without_max_kimg", "schedule_with_edm", "eta_with_edm"])
 def test_bad_flags_exit_2_before_any_work(tmp_path, capsys, flags):
     testing_utils.assert_refused_before_any_work(pd, [*TINY, *flags], tmp_path, capsys)
-
-
-def test_other_checkpoints_are_refused(tmp_path, capsys):
-    path = testing_utils.ddpm_checkpoint(tmp_path)
-    assert_user_error(pd, *run_main(pd, ["--sample", "--checkpoint", path], capsys)[::2])
-    assert_user_error(pd, *run_main(pd, [*TINY, "--resume", path, "--output_dir",
-                                         tmp_path / "r"], capsys)[::2])

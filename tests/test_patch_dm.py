@@ -8,6 +8,7 @@ Everything else (data, checkpoints, the training loop, ...) is ddpm.py's, kept i
 tests/test_copies.py and tested in ddpm.py's tests.
 """
 
+import argparse
 import json
 import os
 
@@ -332,14 +333,15 @@ def test_learns_ramps_without_seams_where_independent_patches_have_them(tmp_path
     assert scores["collage"] < 3, scores
 
 
-def test_help_documents_the_flags(capsys):
-    text = testing_utils.help_text(pdm, capsys)
-    for flag in testing_utils.SHARED_FLAGS + testing_utils.SYNOPSIS_FLAGS + [
-            "--patch_size", "--no_collage", "--cfg", "--patch_batch", "--code_from",
-            "--preview_size", "--latent_steps", "--latent_batch_size", "--latent_lr",
-            "--latent_weight_decay", "--latent_width", "--latent_layers",
-            "--latent_sampling_steps"]:
-        assert flag in text, flag
+def test_help_documents_the_method_flags(capsys):
+    """Each of the method's own flags has its block in --help (the shared ones are ddpm.py's
+    test)."""
+    blocks = testing_utils.help_blocks(pdm, capsys)
+    for flag in ["--patch_size", "--collage", "--cfg", "--patch_batch", "--code_from",
+                 "--preview_size", "--latent_steps", "--latent_batch_size", "--latent_lr",
+                 "--latent_weight_decay", "--latent_width", "--latent_layers",
+                 "--latent_sampling_steps"]:
+        assert flag in blocks, flag
 
 
 def test_resume_is_exact_in_both_phases(tiny, tmp_path):
@@ -422,17 +424,22 @@ def test_guidance_samples_from_a_cfg_model(tiny, tmp_path):
 
 
 def test_dry_run_of_the_paper_preset(tmp_path, capsys):
-    """The paper preset resolves to the nature configuration, both networks counted."""
-    status, out, _ = run_main(pdm, ["--preset", "paper", "--dry_run", "--procedural_size", "100",
-                                    "--output_dir", tmp_path / "run"], capsys)
-    assert status == 0 and not (tmp_path / "run").exists()
+    """--dry_run writes nothing and prints the resolved configuration, with the number of
+    images the code table has a row for, and the parameters of the U-Net with its codes, of the
+    latent model and of both."""
+    argv = ["--preset", "paper", "--procedural_size", "100", "--output_dir", str(tmp_path / "r"),
+            "--dry_run"]
+    status, out, _ = run_main(pdm, argv, capsys)
+    assert status == 0 and not (tmp_path / "r").exists()
     config = json.loads(out[:out.index("\nparameters")])
-    assert (config["image_size"], config["patch_size"], config["channel_mults"]) == \
-        ([512, 1024], 64, [1, 2, 4, 8])
-    assert (config["latent_lr"], config["latent_width"], config["num_images"]) == (1e-4, 2048, 100)
+    expected = vars(pdm.parse_args(argv)) | {"num_images": 100}
+    assert config == json.loads(json.dumps(expected))
+    model = pdm.build_model(argparse.Namespace(**expected))
     counts = [int(line.rsplit(" ", 1)[1].replace(",", "")) for line in out.splitlines()
               if line.startswith("parameters")]
-    assert counts[0] + counts[1] == counts[2] and counts[1] > 30e6
+    assert counts == [sum(p.numel() for p in part.parameters())
+                      for part in (model.unet, model.latent, model)]
+    assert model.unet.codes.weight.shape[0] == 100
 
 
 def test_torchrun_ddp_crosses_into_the_latent_phase(tiny, tmp_path):
@@ -457,10 +464,9 @@ def test_bad_flags_exit_2_before_any_work(tmp_path, capsys, flags):
     testing_utils.assert_refused_before_any_work(pdm, [*TINY, *flags], tmp_path, capsys)
 
 
-def test_resume_on_another_dataset_and_other_checkpoints_are_refused(tiny, tmp_path, capsys):
+def test_resume_on_another_dataset_is_refused(tiny, tmp_path, capsys):
+    """The code table has one row per training image: another number of images cannot resume."""
     out = testing_utils.train_run(pdm, tiny, tmp_path, "run", "--latent_steps", "0")
     assert_user_error(pdm, *run_main(pdm, [*tiny, "--procedural_size", "7", "--resume",
                                            os.path.join(out, "checkpoints", "last.pt"),
                                            "--output_dir", tmp_path / "r"], capsys)[::2])
-    path = testing_utils.ddpm_checkpoint(tmp_path)
-    assert_user_error(pdm, *run_main(pdm, ["--sample", "--checkpoint", path], capsys)[::2])

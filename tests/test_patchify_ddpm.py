@@ -261,28 +261,6 @@ def test_paper_preset_without_a_row_is_refused(capsys):
     assert_user_error(*run_main(["--preset", "paper", "--image_size", "512", "--dry_run"], capsys))
 
 
-@pytest.mark.parametrize("preset", ["paper", "quick"])
-def test_paper_preset_does_not_clip_gradients(preset):
-    """sqrt(SNR) is up to 100 at t = 0, so the paper preset (like the original) leaves the
-    gradient alone; the quick preset clips its norm to --grad_clip. With plain SGD at lr 1 the
-    step is the (clipped) gradient."""
-    args = pf.parse_args(["--preset", preset, "--image_size", "256", "--patch_size", "8",
-                          "--base_channels", "8", "--channel_mults", "1,2", "--num_res_blocks",
-                          "1", "--attention_resolutions", "", "--num_heads", "1"])
-    args.num_classes = 0
-    run = pf.build_run(args, None, torch.device("cpu"), 0, 1)
-    params = list(run.raw.parameters())
-    before = [p.detach().clone() for p in params]
-    run.optimizer = torch.optim.SGD(params, lr=1.0)
-    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lambda step: 1.0)
-    for p in params:
-        p.grad = torch.full_like(p, 10.0)
-    pf.optimizer_step(run, args)
-    step = math.sqrt(sum(((b - p.detach()) ** 2).sum().item() for b, p in zip(before, params)))
-    gradient = 10 * math.sqrt(sum(p.numel() for p in params))
-    assert step == pytest.approx(gradient if preset == "paper" else 1.0, rel=1e-4)
-
-
 # ------------------------------------------------------------------------------------------------
 # Bad input
 
@@ -302,14 +280,6 @@ def test_bad_flags_exit_2_before_any_work(tmp_path, capsys, flags):
     assert_user_error(*run_main([*TINY, *flags, "--output_dir", out, "--cache_dir",
                                  tmp_path / "cache"], capsys))
     assert not out.exists() and not (tmp_path / "cache").exists()
-
-
-def test_ddpm_checkpoint_is_refused(tmp_path, capsys):
-    path = tmp_path / "ddpm.pt"
-    torch.save({"method": "ddpm", "format_version": ddpm.FORMAT_VERSION,
-                "args": vars(ddpm.parse_args([]))}, path)
-    assert_user_error(*run_main(["--sample", "--checkpoint", path], capsys))
-    assert_user_error(*run_main([*TINY, "--resume", path, "--output_dir", tmp_path / "r"], capsys))
 
 
 # ------------------------------------------------------------------------------------------------

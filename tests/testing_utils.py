@@ -7,6 +7,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -358,20 +359,6 @@ def assert_torchrun_ddp_on_cpu(script, tiny, tmp_path, *overrides, name="ddp"):
     return ckpt, records
 
 
-def ddpm_checkpoint(tmp_path):
-    """The last.pt of a 1-step ddpm.py run on an 8x8 one-level U-Net: a checkpoint that the other
-    scripts must refuse."""
-    import ddpm
-
-    run = str(tmp_path / "ddpm")
-    assert ddpm.main(["--image_size", "8", "--channel_mults", "1", "--attention_resolutions", "",
-                      "--base_channels", "8", "--num_heads", "1", "--batch_size", "2",
-                      "--procedural_size", "4", "--preview_samples", "1", "--preview_steps", "1",
-                      "--max_steps", "1", "--output_dir", run,
-                      "--cache_dir", str(tmp_path / "ddpm-cache")]) == 0
-    return os.path.join(run, "checkpoints", "last.pt")
-
-
 # ------------------------------------------------------------------------------------------------
 # The sample command
 
@@ -441,6 +428,12 @@ def help_text(script, capsys):
         script.main(["--help"])
     assert exit_info.value.code == 0
     return capsys.readouterr().out
+
+
+def help_blocks(script, capsys):
+    """{flag: its block of --help (the flag's line and its help)}."""
+    return {m.group(1): m.group(0) for m in re.finditer(
+        r"^  (--\w+).*?(?=^  -|^\S|\Z)", help_text(script, capsys), flags=re.M | re.S)}
 
 
 def assert_refused_before_any_work(script, argv, tmp_path, capsys):
