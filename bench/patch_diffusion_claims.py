@@ -3,6 +3,7 @@
     speed     Time per 1,000 crops seen (the paper's unit) at --real_p 1, 0.5 and 0.25: the same
               network, --batch_size and seed; every run makes the same number of optimizer steps
               after a warm-up, and the sizes are drawn as in training. Also each crop size alone.
+              The six runs are timed in turns, one step of each at a time.
     quality   --real_p 1 and 0.5 (or --real_p_values) each trained for the same wall-clock minutes
               (evaluations are not counted), then the full-image EDM loss of the EMA weights,
               lambda(sigma) ||D(y + sigma n; sigma) - y||^2, on a fixed held-out set of images,
@@ -63,19 +64,35 @@ def script_args(flags, output_dir):
 # speed
 
 
-def timed_steps(run, images, args, steps, device):
-    """Seconds and crops of `steps` optimizer steps, one time each."""
-    times, start_nimg = [], run.nimg
-    for _ in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        pd.train_step(run, images, None, args)
-        pd.optimizer_step(run, args)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return times, run.nimg - start_nimg
+def timed_in_turns(runs, images, opts, device):
+    """{key: (step seconds, crops)} of opts.steps optimizer steps of every run of `runs`
+    ({key: (run, args, factor or None)}) after opts.warmup untimed ones, timed in turns (one
+    step of each run, then the next round), so that a change in the machine's speed falls on all
+    runs alike. A run's factor is forced when given, else drawn as in training from its own copy
+    of Python's generator, seeded 0."""
+    states, real_draw = {key: random.Random(0).getstate() for key in runs}, pd.draw_patch_factor
+    times = {key: [] for key in runs}
+    start_nimg = {key: run.nimg for key, (run, _, _) in runs.items()}
+    try:
+        for step in range(opts.warmup + opts.steps):
+            for key, (run, args, factor) in runs.items():
+                random.setstate(states[key])
+                pd.draw_patch_factor = real_draw if factor is None else lambda a, d, f=factor: f
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                pd.train_step(run, images, None, args)
+                pd.optimizer_step(run, args)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if step >= opts.warmup:
+                    times[key].append(time.perf_counter() - start)
+                else:
+                    start_nimg[key] = run.nimg
+                states[key] = random.getstate()
+    finally:
+        pd.draw_patch_factor = real_draw
+    return {key: (times[key], run.nimg - start_nimg[key]) for key, (run, _, _) in runs.items()}
 
 
 def speed(opts, device, tmp):
@@ -83,30 +100,26 @@ def speed(opts, device, tmp):
              10 ** 7, "--kernels", "auto", *opts.flags]
     images = np.random.default_rng(0).integers(0, 256, (512, 3, *pd.image_size(opts.image_size)),
                                                dtype=np.uint8)
-    rows, forced = [], []
+    runs = {}
     for real_p in (1.0, 0.5, 0.25):
         args = script_args([*flags, "--real_p", real_p], tmp)
-        run = pd.build_run(args, None, device, 0, 1)
-        random.seed(0)
-        timed_steps(run, images, args, opts.warmup, device)
-        times, crops = timed_steps(run, images, args, opts.steps, device)
-        rows.append((real_p, sum(times), crops))
-    real_draw = pd.draw_patch_factor
+        runs[real_p] = (pd.build_run(args, None, device, 0, 1), args, None)
     for factor in pd.PATCH_FACTORS:
-        pd.draw_patch_factor = lambda args, done: factor            # noqa: E731
         args = script_args([*flags, "--real_p", 0.5], tmp)
-        run = pd.build_run(args, None, device, 0, 1)
-        timed_steps(run, images, args, opts.warmup, device)
-        times, crops = timed_steps(run, images, args, opts.steps, device)
-        forced.append((factor, statistics.median(times), crops / opts.steps))
-    pd.draw_patch_factor = real_draw
+        runs[f"R/{factor}"] = (pd.build_run(args, None, device, 0, 1), args, factor)
+    timed = timed_in_turns(runs, images, opts, device)
+    run = runs[1.0][0]
+    rows = [(real_p, sum(timed[real_p][0]), timed[real_p][1]) for real_p in (1.0, 0.5, 0.25)]
+    forced = [(f, statistics.median(timed[f"R/{f}"][0]), timed[f"R/{f}"][1] / opts.steps)
+              for f in pd.PATCH_FACTORS]
     base = rows[0][1] / rows[0][2]
     h, w = pd.image_size(opts.image_size)
     lines = [f"- {h}x{w}, --batch_size {opts.batch_size}, "
              f"{sum(p.numel() for p in run.raw.parameters()) / 1e6:.2f}M parameters, flags: "
              f"`{' '.join(map(str, opts.flags)) or '(the quick preset)'}`; {opts.steps} timed "
-             f"steps after {opts.warmup} untimed, per run; the sizes drawn with Python's "
-             "generator seeded 0.", "",
+             f"steps after {opts.warmup} untimed, per run, the six runs timed in turns (one step "
+             "of each, then the next); the sizes drawn with Python's generator seeded 0, one "
+             "copy per run.", "",
              "| --real_p | crops seen | seconds | seconds per 1,000 crops | vs --real_p 1 |",
              "| --- | --- | --- | --- | --- |"]
     for real_p, seconds, crops in rows:
