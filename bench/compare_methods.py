@@ -29,7 +29,8 @@ side / 16, so that its U-Net sees a 16 x 16 grid at any size.
    says "not computed" and gives no number in their place. Always: the Frechet distance of 8 x 8
    pixel thumbnails (bench/compare_peer.py's, 192 numbers per image), a much weaker score that
    needs no download, named as what it is. A "real images" row gives the floor of both:
-   --num_samples training images against all of them.
+   --num_samples training images against all of them (a set drawn from the reference itself,
+   so a floor biased low: held-out images score higher).
 
 CPU numbers mean something only on an otherwise idle machine.
 """

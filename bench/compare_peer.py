@@ -19,7 +19,9 @@ Each --variant NAME=FLAGS is one ddpm.py row: the flags are added to the shared 
 repository; install it in its own environment and run this script with that environment's
 python, so that both run on one torch build:
     python -m venv peer && peer/bin/pip install denoising-diffusion-pytorch -r requirements.txt
-(denoising-diffusion-pytorch imports torchvision, which needs its matching torch release.)
+(denoising-diffusion-pytorch imports torchvision, which needs its matching torch release.) The
+peer's Dataset reads only .jpg, .jpeg, .png and .tiff files and wants at least 100 of them;
+ddpm.py also reads .bmp, .gif, .tif and .webp: give both a folder of the former.
 The peer row is its README's setup: Unet(dim, dim_mults) and GaussianDiffusion with their
 defaults (v prediction, sigmoid schedule), its Trainer with Adam at --peer_lr, EMA 0.995. Its
 Trainer updates the EMA every 10 steps (its default), so its average spans about 10 times as many
