@@ -694,6 +694,8 @@ def find_images(root, class_conditional, warn=True):
         subfolders.sort()
         paths += [os.path.join(folder, f) for f in sorted(files)
                   if f.lower().endswith(IMAGE_EXTENSIONS)]
+    if unlisted and unlisted[0].filename == root:                  # the folder itself
+        raise UserError(f"{root} cannot be listed ({unlisted[0].strerror})")
     if unlisted and warn:
         print(f"{METHOD}.py: warning: skipping {len(unlisted)} folder(s) that cannot be listed: "
               + ", ".join(f"{e.filename} ({e.strerror})" for e in unlisted), file=sys.stderr)
@@ -717,10 +719,12 @@ def to_rgb(image):
     composited over white (not the colour under them)."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
+        keyed = array == image.info.get("transparency", np.nan)    # a 16-bit PNG's colour key
         if image.mode.startswith("I;16") or array.max() > 255:
             array = array / 257.0                                   # 65535 -> 255
         elif image.mode == "F" and array.max() <= 1.0:
             array = array * 255.0                                   # 1.0 -> 255
+        array = np.where(keyed, 255.0, array)
         return Image.fromarray(np.clip(array + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         rgba = image.convert("RGBA")
@@ -1021,7 +1025,7 @@ def build_run(args, ckpt, device, rank, world):
     run.scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     # noise, t, flips, dropout: seeded per rank and from the step, so that a run resumed on
     # another number of processes (whose generators the checkpoint lacks) does not replay step 0
-    seed = args.seed + rank + 100_003 * (ckpt["step"] if ckpt is not None else 0)
+    seed = (args.seed + rank + 100_003 * (ckpt["step"] if ckpt is not None else 0)) % 2 ** 32
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
@@ -1042,7 +1046,7 @@ def build_run(args, ckpt, device, rank, world):
             group.update(hyperparameters, lr=args.lr * run.scheduler.lr_lambdas[0](run.step))
         if ckpt["scaler"] and run.scaler.is_enabled():
             run.scaler.load_state_dict(ckpt["scaler"])
-        rngs = [ckpt["rng"], *ckpt.get("rng_other_ranks", [])]     # format 3 had rank 0's only
+        rngs = [ckpt["rng"], *ckpt.get("rng_other_ranks", [])]     # older: rank 0's only
         if len(rngs) == world:
             rng = rngs[rank]
             torch.set_rng_state(rng["torch"])

@@ -65,8 +65,9 @@ E2E_ARGS = ("--image_size 64 --batch_size 64 --precision bf16 --base_channels 12
 
 
 def parse_args(argv=None):
+    from ddpm import HelpFormatter                                  # no "(default: None)"
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--out", help="also write the tables to this markdown file")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="activation dtype")
     p.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS),

@@ -39,7 +39,6 @@ every real image. "Classes": distinct classes among
 the samples' nearest real images in thumbnail space.
 """
 
-import argparse
 import datetime
 import os
 import platform
@@ -255,7 +254,7 @@ def main(argv=None):
 def parse_args(argv):
     """The command line, checked before any work: the peer importable, --out writable."""
     pos = ddpm.at_least(1)
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ddpm.Parser(prog="compare_peer.py", description=__doc__.split("\n")[0])
     p.add_argument("--dataset_path", help="image folder (default: the built-in landscapes)")
     p.add_argument("--classes", action="store_true",
                    help="the folder's top-level subfolders are classes (the classes column)")
@@ -284,10 +283,13 @@ def parse_args(argv):
         except ImportError:
             raise ddpm.UserError(f"denoising-diffusion-pytorch is missing; {PEER_INSTALL}")
     folder = os.path.dirname(os.path.abspath(args.out))
-    if not os.access(folder, os.W_OK):
-        raise ddpm.UserError(f"--out {args.out}: {folder} is not a writable folder")
-    for _, flags in args.variants:                                  # each variant's own checks
-        ddpm.parse_args(budget_flags(args) + shlex.split(flags))
+    if os.path.isdir(args.out) or not os.access(folder, os.W_OK):
+        raise ddpm.UserError(f"--out {args.out}: not a file in a writable folder")
+    for name, flags in args.variants:                               # each variant's own checks
+        try:
+            ddpm.parse_args(budget_flags(args) + shlex.split(flags))
+        except ValueError as error:                                 # shlex: an open quote
+            raise ddpm.UserError(f"--variant {name}={flags}: {error}") from None
     return args
 
 

@@ -185,20 +185,24 @@ def test_noise_and_class_scores():
     assert noisy == 0 and covered == 1
 
 
-def test_compare_peer_floors_step_times_and_bad_input(tmp_path, capsys):
-    """On the built-in landscapes the table has a held-out floor (landscapes no run trains on)
-    near the drawn one and far below noise; --time_only times every row (median inside its
-    range); bad input is one line and status 2 before any work."""
+def test_compare_peer_floors_step_times_and_bad_input(tmp_path, capsys, monkeypatch):
+    """On the built-in landscapes the table has a held-out floor, of landscapes that no run
+    trains on, above the floor drawn from the reference itself and far below noise; --time_only
+    times every row; bad input is one line and status 2 before any work."""
     out = tmp_path / "table.md"
     args = compare_peer.parse_args(["--no_peer", "--out", str(out), "--image_size", "16",
                                     "--num_real", "64", "--num_samples", "32"])
     real, labels, _ = compare_peer.real_images(args, str(tmp_path / "work"))
+    held_out, landscapes = [], compare_peer.landscapes
+    monkeypatch.setattr(compare_peer, "landscapes",
+                        lambda a, indices: held_out.append(landscapes(a, indices)[0]) or
+                        landscapes(a, indices))
     compare_peer.write_table(args, [], real, labels)
+    assert not any((image == real).all((1, 2, 3)).any() for image in held_out[0])
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in
              out.read_text().splitlines() if line.startswith(("| real", "| uniform"))]
     fd = {row[0]: float(row[5]) for row in cells}
-    assert fd["real images (held out)"] < 0.2 * fd["uniform noise"]
-    assert fd["real images (drawn)"] < 0.2 * fd["uniform noise"]
+    assert fd["real images (drawn)"] < fd["real images (held out)"] < 0.2 * fd["uniform noise"]
     capsys.readouterr()
     assert ddpm.parse_args(compare_peer.budget_flags(args)).procedural_size == 64   # as the peer
     assert compare_peer.main(["--no_peer", "--time_only", "--out", str(tmp_path / "steps.md"),
@@ -208,11 +212,12 @@ def test_compare_peer_floors_step_times_and_bad_input(tmp_path, capsys):
     rows = [line for line in (tmp_path / "steps.md").read_text().splitlines()
             if line.startswith(("| eps |", "| v |"))]
     assert len(rows) == 2
-    for row in rows:
-        median, fastest, slowest = map(float, re.findall(r"\d+\.\d+", row.split("|")[3]))
-        assert 0 < fastest <= median <= slowest
+    for row in rows:                                                # each row really timed
+        assert min(map(float, re.findall(r"\d+\.\d+", row.split("|")[3]))) > 0
     bad = [["--no_peer", "--out", str(tmp_path / "missing" / "t.md")],
-           ["--no_peer", "--out", str(out), "--variant", "x=--lr -1"]]
+           ["--no_peer", "--out", str(tmp_path)], ["--no_peer", "--out", str(out), "--steps", "0"],
+           ["--no_peer", "--out", str(out), "--variant", "x=--lr -1"],
+           ["--no_peer", "--out", str(out), "--variant", "x=--lr '1"]]
     if importlib.util.find_spec("denoising_diffusion_pytorch") is None:
         bad.append(["--out", str(out)])                             # the peer is missing
     for argv in bad:

@@ -803,10 +803,12 @@ def test_stopping_and_resuming_equals_one_run(tiny, tmp_path):
 
 def test_resume_on_another_number_of_processes_does_not_replay_step_0(tiny, tmp_path):
     """A checkpoint of 2 processes resumed in 1 has no generators for that layout: the run draws
-    from a seed of the step, not the draws of step 0 again (a format-3 checkpoint, rank 0's
-    generators only, resumed in 1 process restores them)."""
+    from a seed of the step, not the draws of step 0 again, also at step 10^6 (a seed past 2^32
+    is wrapped); an older checkpoint, rank 0's generators only, resumed in 1 process restores
+    them."""
     ckpt = load(os.path.join(train_run(tiny, tmp_path, "run"), "checkpoints", "last.pt"))
     args, cpu = ddpm.parse_args([str(a) for a in tiny]), torch.device("cpu")
+    ckpt["step"] = ckpt["lr_scheduler"]["last_epoch"] = 10 ** 6
     world_2 = dict(ckpt, rng_other_ranks=[ckpt["rng"]])
     format_3 = {key: value for key, value in ckpt.items() if key != "rng_other_ranks"}
     draws = {}

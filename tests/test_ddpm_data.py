@@ -223,6 +223,10 @@ def test_a_folder_that_cannot_be_listed_is_skipped_with_one_warning(tmp_path, mo
     assert len(warnings) == 1 and locked in warnings[0]
     assert ddpm.find_images(str(tmp_path), False, warn=False)[0] == [kept]    # ranks but 0
     assert capsys.readouterr().err == ""
+    locked = str(tmp_path)                                          # the folder itself
+    with pytest.raises(ddpm.UserError) as error:
+        ddpm.find_images(locked, False)
+    assert locked in str(error.value) and capsys.readouterr().err == ""
 
 
 def test_symbolic_link_cycles_are_entered_once(tmp_path):
@@ -294,17 +298,18 @@ def test_gray_alpha_png_transparent_pixels_become_white(tmp_path):
     assert (image[:, 8:] == 30).all()
 
 
-@pytest.mark.parametrize("mode, key", [("L", 30), ("RGB", GREEN)])
-def test_colour_key_png_transparent_pixels_become_white(tmp_path, mode, key):
-    """A grayscale or RGB PNG whose tRNS chunk makes one value transparent (a colour key)."""
+@pytest.mark.parametrize("mode, key, other, expected", [
+    ("L", 30, 200, (200,) * 3), ("RGB", GREEN, RED, RED), ("I;16", 5000, 40000, (156,) * 3)])
+def test_colour_key_png_transparent_pixels_become_white(tmp_path, mode, key, other, expected):
+    """A grayscale (8- or 16-bit) or RGB PNG whose tRNS chunk makes one value transparent."""
     image = Image.new(mode, (16, 16), key)
-    image.paste(Image.new(mode, (16, 8), 200 if mode == "L" else RED), (0, 8))
-    path = save(image, tmp_path / f"{mode}.png", transparency=key)
+    image.paste(Image.new(mode, (16, 8), other), (0, 8))
+    path = save(image, tmp_path / "keyed.png", transparency=key)
     with Image.open(path) as check:
         assert check.mode == mode and check.info["transparency"] == key
     image, _ = pixels(path)
     assert (image[:8] == WHITE).all()
-    assert (image[8:] == ((200,) * 3 if mode == "L" else RED)).all()
+    assert (image[8:] == expected).all()                            # 40000 / 257 = 155.6
 
 
 def palette_image(path, transparency=None):
