@@ -1690,7 +1690,11 @@ def main(argv=None):
                 raise UserError(f"--resume latest: no checkpoint at {path}; start without --resume")
         ckpt = None if path is None else load_checkpoint(path)   # its configuration; flags win
         ignore = NOT_INHERITED if mode.sample else ("resume", "dry_run", "preset")
-        args = parse_args(argv, ckpt and {k: v for k, v in ckpt["args"].items() if k not in ignore})
+        base = ckpt and {k: v for k, v in ckpt["args"].items() if k not in ignore}
+        folder = path and os.path.dirname(os.path.abspath(path))
+        if base and not mode.sample and os.path.basename(folder) == "checkpoints":
+            base["output_dir"] = os.path.dirname(folder)    # the run's folder, wherever it is now
+        args = parse_args(argv, base)
         if mode.sample:
             check_compatible(ckpt["args"], args, path)
             return sample_main(args, ckpt)

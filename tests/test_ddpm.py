@@ -842,6 +842,25 @@ def test_resume_keeps_the_run_configuration_and_explicit_flags_override_it(tiny,
     assert os.path.isfile(os.path.join(out, "checkpoints", "step_2.pt"))
 
 
+def test_resume_continues_in_the_folder_that_holds_the_checkpoint(tiny, tmp_path, monkeypatch):
+    """A run folder moved, resumed from another working directory without --output_dir: the run
+    goes on in the folder its checkpoint is in (not in the relative --output_dir it was started
+    with); an explicit --output_dir still wins."""
+    monkeypatch.chdir(tmp_path)
+    assert ddpm.main([str(a) for a in tiny] + ["--output_dir", "run", "--max_steps", "2",
+                                               "--save_every", "2", "--sample_every", "2"]) == 0
+    os.rename(tmp_path / "run", tmp_path / "moved")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert ddpm.main(["--resume", str(tmp_path / "moved" / "checkpoints" / "last.pt"),
+                      "--max_steps", "3"]) == 0
+    assert load(tmp_path / "moved" / "checkpoints" / "last.pt")["step"] == 3
+    assert os.listdir(tmp_path / "elsewhere") == []
+    assert ddpm.main(["--resume", str(tmp_path / "moved" / "checkpoints" / "last.pt"),
+                      "--max_steps", "4", "--output_dir", str(tmp_path / "other")]) == 0
+    assert load(tmp_path / "other" / "checkpoints" / "last.pt")["step"] == 4
+
+
 def test_swa_is_the_mean_of_the_weights_after_swa_start(tiny, tmp_path):
     out = train_run(tiny, tmp_path, "swa", "--swa", "--swa_start", "1", "--max_steps", "3",
                     "--save_every", "1")
