@@ -12,9 +12,7 @@ import os
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 from PIL import Image
-from torch.nn.parallel import DistributedDataParallel
 
 import ddpm
 import testing_utils
@@ -462,24 +460,9 @@ def test_under_ddp_only_the_last_term_of_the_syncing_micro_batch_all_reduces(tmp
                           sync)
     reference, events[:] = [p.grad.clone() for p in model.parameters()], []
     model.zero_grad()
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
-                            world_size=1)
-    try:
-        ddp = DistributedDataParallel(model)
-        no_sync = ddp.no_sync
-
-        @contextlib.contextmanager
-        def recorded_no_sync():
-            with no_sync():
-                events.append("enter")
-                yield
-                events.append("exit")
-        ddp.no_sync = recorded_no_sync
-        model.register_forward_pre_hook(lambda m, inputs: events.append("forward"))
+    with testing_utils.recorded_ddp(model, tmp_path, events) as ddp:
         ddpm.micro_batch_step(ddp, ThreeTerms(), x, None, args, Scaler(),
                               contextlib.nullcontext(), sync)
-    finally:
-        dist.destroy_process_group()
     term = ["forward", "backward"]
     assert events == (["enter"] + term + ["exit"]) * 2 + (term if sync else
                                                           ["enter"] + term + ["exit"])

@@ -10,13 +10,12 @@ import os
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
-from torch.nn.parallel import DistributedDataParallel
 
 import patch_ddpm
 from patch_ddpm import cut_patches, stitch_patches
+import testing_utils
 from testing_utils import randomize
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")            # tests/conftest.py
@@ -223,25 +222,11 @@ def test_under_ddp_every_chunk_but_the_last_runs_in_no_sync(tmp_path):
                                 contextlib.nullcontext(), sync=True)
     reference = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
-                            world_size=1)
-    try:
-        ddp, events = DistributedDataParallel(model), []
-        no_sync = ddp.no_sync
-
-        @contextlib.contextmanager
-        def recorded_no_sync():
-            with no_sync():
-                events.append("enter")
-                yield
-                events.append("exit")
-        ddp.no_sync = recorded_no_sync
-        model.register_forward_pre_hook(lambda m, inputs: events.append("forward"))
+    events = []
+    with testing_utils.recorded_ddp(model, tmp_path, events) as ddp:
         torch.manual_seed(0)
         patch_ddpm.micro_batch_step(ddp, diffusion, x0, None, args, NoScaler(events),
                                     contextlib.nullcontext(), sync=True)
-    finally:
-        dist.destroy_process_group()
     chunk = ["forward", "backward"]
     assert events == (["enter"] + chunk + ["exit"]) * 3 + chunk
     for p, g in zip(model.parameters(), reference):

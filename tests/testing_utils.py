@@ -3,6 +3,7 @@ nothing but `kernels/`; the tests may). Each helper that runs a script takes its
 (`ddpm`, `patch_ddpm`, ...) as `script`; the argv lists given to them must carry a
 `--cache_dir` under the test's tmp_path, so that no test writes into runs/."""
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -15,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from PIL import Image
+from torch.nn.parallel import DistributedDataParallel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -284,6 +287,30 @@ def assert_resume_is_exact(script, argv, tmp_path, keys):
     two = load(os.path.join(full, "checkpoints", "step_2.pt"))
     assert not state_equal(two["model"], a["model"])
     return a, b
+
+
+@contextlib.contextmanager
+def recorded_ddp(model, tmp_path, events):
+    """`model` in a one-process DDP (gloo) that appends "enter" and "exit" to `events` around each
+    no_sync and "forward" at each forward pass."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        ddp = DistributedDataParallel(model)
+        no_sync = ddp.no_sync
+
+        @contextlib.contextmanager
+        def recorded_no_sync():
+            with no_sync():
+                events.append("enter")
+                yield
+                events.append("exit")
+        ddp.no_sync = recorded_no_sync
+        hook = model.register_forward_pre_hook(lambda m, inputs: events.append("forward"))
+        yield ddp
+        hook.remove()
+    finally:
+        dist.destroy_process_group()
 
 
 # A script run under torchrun through this wrapper records, per rank, in OUT/probe-<rank>.json:
