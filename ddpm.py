@@ -674,11 +674,12 @@ def load_dataset(args, rank=0, log=print):
     return (images, torch.tensor(labels), classes) if args.class_conditional else (images, None, [])
 
 
-def batch_indices(k, num_images, batch_size, seed, rank=0, world=1):
-    """The images of a rank's micro-batch k, a function of its arguments only: a resumed run
-    continues at micro-batch step * accumulation_iters. Epoch e visits the images in the order of
-    a permutation seeded by (seed, e); rank r of `world` takes every world-th position."""
-    positions = (k * batch_size + torch.arange(batch_size)) * world + rank
+def batch_indices(start, num_images, batch_size, seed, rank=0, world=1):
+    """The images of a rank's micro-batch: positions start + i * world + rank, i < batch_size, of
+    one stream of epochs, epoch e visiting the images in the order of a permutation seeded by
+    (seed, e). `start` counts the images all ranks drew before (run.nimg, then each micro-batch),
+    so a resumed run goes on where the stream stopped, whatever its batch size or processes."""
+    positions = start + torch.arange(batch_size) * world + rank
     return torch.stack([epoch_order(num_images, seed, int(p) // num_images)[int(p) % num_images]
                         for p in positions])
 
@@ -887,12 +888,12 @@ def micro_batch_step(model, diffusion, x0, y, args, scaler, autocast, sync):
 
 
 def train_step(run, images, labels, args):
-    """The forward and backward passes of one optimizer step: micro-batch k of this rank reads
-    batch_indices(k), k = step * accumulation_iters + micro. Returns the loss."""
+    """The forward and backward passes of one optimizer step: its micro-batches read the stream
+    of batch_indices in turn from run.nimg, the images seen before the step. Returns the loss."""
     loss = 0.0
     for micro in range(args.accumulation_iters):
-        k = run.step * args.accumulation_iters + micro
-        x0, y = make_batch(images, labels, batch_indices(k, len(images), args.batch_size,
+        start = run.nimg + micro * args.batch_size * run.world
+        x0, y = make_batch(images, labels, batch_indices(start, len(images), args.batch_size,
                                                          args.seed, run.rank, run.world),
                            args, run.device)
         loss += micro_batch_step(run.model, run.diffusion, x0, y, args, run.scaler, run.autocast,

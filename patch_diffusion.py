@@ -967,11 +967,12 @@ def load_dataset(args, rank=0, log=print):
 
 
 # Copied from ddpm.batch_indices
-def batch_indices(k, num_images, batch_size, seed, rank=0, world=1):
-    """The images of a rank's micro-batch k, a function of its arguments only: a resumed run
-    continues at micro-batch step * accumulation_iters. Epoch e visits the images in the order of
-    a permutation seeded by (seed, e); rank r of `world` takes every world-th position."""
-    positions = (k * batch_size + torch.arange(batch_size)) * world + rank
+def batch_indices(start, num_images, batch_size, seed, rank=0, world=1):
+    """The images of a rank's micro-batch: positions start + i * world + rank, i < batch_size, of
+    one stream of epochs, epoch e visiting the images in the order of a permutation seeded by
+    (seed, e). `start` counts the images all ranks drew before (run.nimg, then each micro-batch),
+    so a resumed run goes on where the stream stopped, whatever its batch size or processes."""
+    positions = start + torch.arange(batch_size) * world + rank
     return torch.stack([epoch_order(num_images, seed, int(p) // num_images)[int(p) % num_images]
                         for p in positions])
 
@@ -1215,12 +1216,11 @@ def train_step(run, images, labels, args):
         dist.all_gather(factors, torch.tensor(f, device=run.device))
         factors = [int(g) for g in factors]
     per_factor = args.batch_size * args.accumulation_iters          # crops per unit of f
-    first = (run.nimg + per_factor * sum(factors[:run.rank])) // args.batch_size
+    first = run.nimg + per_factor * sum(factors[:run.rank])         # this rank's stream position
     loss = 0.0
     for micro in range(args.accumulation_iters):
-        ks = range(first + micro * f, first + (micro + 1) * f)      # micro-batches of the stream
-        indices = torch.cat([batch_indices(k, len(images), args.batch_size, args.seed)
-                             for k in ks])
+        size = f * args.batch_size
+        indices = batch_indices(first + micro * size, len(images), size, args.seed)
         x0, y = make_batch(images, labels, indices, args, run.device)
         last = micro == args.accumulation_iters - 1
         loss += micro_batch_step(run.model, run.diffusion, random_crops(x0, f), y, args,

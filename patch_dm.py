@@ -1168,11 +1168,12 @@ def thumbnail_codes(images):
 
 
 # Copied from ddpm.batch_indices
-def batch_indices(k, num_images, batch_size, seed, rank=0, world=1):
-    """The images of a rank's micro-batch k, a function of its arguments only: a resumed run
-    continues at micro-batch step * accumulation_iters. Epoch e visits the images in the order of
-    a permutation seeded by (seed, e); rank r of `world` takes every world-th position."""
-    positions = (k * batch_size + torch.arange(batch_size)) * world + rank
+def batch_indices(start, num_images, batch_size, seed, rank=0, world=1):
+    """The images of a rank's micro-batch: positions start + i * world + rank, i < batch_size, of
+    one stream of epochs, epoch e visiting the images in the order of a permutation seeded by
+    (seed, e). `start` counts the images all ranks drew before (run.nimg, then each micro-batch),
+    so a resumed run goes on where the stream stopped, whatever its batch size or processes."""
+    positions = start + torch.arange(batch_size) * world + rank
     return torch.stack([epoch_order(num_images, seed, int(p) // num_images)[int(p) % num_images]
                         for p in positions])
 
@@ -1450,19 +1451,19 @@ def start_latent_phase(run, args):
 
 
 def train_step(run, images, labels, args):
-    """The forward and backward passes of one optimizer step. U-Net phase: micro-batch k of this
-    rank reads batch_indices(k), k = step * accumulation_iters + micro, and `y` of the loss is
-    the images' dataset indices (their codes). Latent phase: --latent_batch_size codes of the
-    table, in the same order of epochs. Returns the loss."""
+    """The forward and backward passes of one optimizer step. U-Net phase: the micro-batches
+    read the stream of batch_indices in turn from run.nimg (ddpm.py's train_step), and `y` of
+    the loss is the images' dataset indices (their codes). Latent phase: --latent_batch_size
+    codes of the table, the same stream going on. Returns the loss."""
     latent = run.step >= args.max_steps
     if latent and run.raw.phase != "latent":
         start_latent_phase(run, args)
     loss = 0.0
     for micro in range(args.accumulation_iters):
-        k = (run.step - args.max_steps * latent) * args.accumulation_iters + micro
         size, sync = (args.latent_batch_size if latent else args.batch_size), \
             micro == args.accumulation_iters - 1
-        index = batch_indices(k, args.num_images, size, args.seed, run.rank, run.world)
+        index = batch_indices(run.nimg + micro * size * run.world, args.num_images, size,
+                              args.seed, run.rank, run.world)
         if latent:
             z0 = (run.codes[index.to(run.device)] - run.code_mean) / run.code_std
             loss += micro_batch_step(run.model, run.latent_diffusion, z0, None, args, run.scaler,

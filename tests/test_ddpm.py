@@ -584,7 +584,8 @@ def test_optimizer_step_clips_and_skips_non_finite_gradients(monkeypatch):
 
 def test_batch_indices_cover_each_epoch_once_and_split_ranks():
     def batch(k, batch_size=5, rank=0, world=1, seed=0):
-        return ddpm.batch_indices(k, 10, batch_size, seed, rank, world).tolist()
+        return ddpm.batch_indices(k * batch_size * world, 10, batch_size, seed, rank,
+                                  world).tolist()
     epoch0, epoch1 = batch(0) + batch(1), batch(2) + batch(3)
     assert sorted(epoch0) == sorted(epoch1) == list(range(10))
     assert epoch0 != epoch1 and epoch0 != batch(0, seed=1) + batch(1, seed=1)   # reshuffled
@@ -802,6 +803,22 @@ def test_resume_on_another_number_of_processes_does_not_replay_step_0(tiny, tmp_
     torch.set_rng_state(ckpt["rng"]["torch"])
     assert torch.equal(draws["format 3"], torch.rand(8))
     assert not torch.equal(draws["world 2"], draws["format 3"])
+
+
+def test_resume_with_another_batch_size_goes_on_where_the_data_stream_stopped(tiny, tmp_path,
+                                                                            monkeypatch):
+    """2 steps of 4 of the 16 images, resumed for 2 steps of 6: the 20 images drawn are positions
+    0..19 of batch_indices' stream (each image once in the first epoch), not positions 0..7 and
+    then 12..23, which a position of step x batch size would give."""
+    drawn, make_batch = [], ddpm.make_batch
+    monkeypatch.setattr(ddpm, "make_batch", lambda images, labels, indices, *a: (
+        drawn.extend(indices.tolist()), make_batch(images, labels, indices, *a))[1])
+    out = str(tmp_path / "run")
+    assert ddpm.main(tiny + ["--output_dir", out, "--max_steps", "2"]) == 0
+    assert ddpm.main(tiny + ["--output_dir", out, "--max_steps", "4", "--resume", "latest",
+                             "--batch_size", "6"]) == 0
+    assert drawn == ddpm.batch_indices(0, 16, 20, seed=0).tolist()
+    assert sorted(drawn[:16]) == list(range(16))
 
 
 def test_resume_keeps_the_run_configuration_and_explicit_flags_override_it(tiny, tmp_path):

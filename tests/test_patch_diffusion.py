@@ -166,12 +166,14 @@ def test_a_step_takes_batch_times_r_over_s_crops(factor, monkeypatch):
     real_step, real_indices = pd.micro_batch_step, pd.batch_indices
     monkeypatch.setattr(pd, "micro_batch_step", lambda model, diffusion, x0, *a, **k: (
         shapes.append(tuple(x0.shape)), real_step(model, diffusion, x0, *a, **k))[1])
-    monkeypatch.setattr(pd, "batch_indices", lambda k, *a: ks.append(k) or real_indices(k, *a))
+    monkeypatch.setattr(pd, "batch_indices", lambda start, n, size, *a: ks.append(
+        (start, size)) or real_indices(start, n, size, *a))
     for step in range(2):
         pd.train_step(run, random_images(), None, args)
         pd.optimizer_step(run, args)
     assert shapes == [(4 * factor, 5, 16 // factor, 16 // factor)] * 4
-    assert run.nimg == 2 * 2 * 4 * factor and ks == list(range(4 * factor))
+    assert run.nimg == 2 * 2 * 4 * factor and ks == [(4 * factor * m, 4 * factor)
+                                                      for m in range(4)]
 
 
 def test_ema_decay_is_edms_half_life_in_crops_and_halflife_0_keeps_the_decay(monkeypatch):
@@ -303,8 +305,8 @@ def test_guided_sampling_is_heun_on_the_guided_denoiser():
 def plain_edm_loss(net, images, k, args):
     """One batch of plain EDM training of a 5-channel U-Net on whole images with the full grid,
     written out from EDM's EDMLoss and EDMPrecond (ddpm.py's batch of micro-batch k)."""
-    y, _ = pd.make_batch(images, None, pd.batch_indices(k, len(images), args.batch_size,
-                                                        args.seed), args, CPU)
+    y, _ = pd.make_batch(images, None, pd.batch_indices(k * args.batch_size, len(images),
+                                                        args.batch_size, args.seed), args, CPU)
     sigma = (torch.randn(y.shape[0], 1, 1, 1) * 1.2 - 1.2).exp()
     weight = (sigma ** 2 + 0.5 ** 2) / (sigma * 0.5) ** 2
     x = y + torch.randn_like(y) * sigma
@@ -474,7 +476,7 @@ def test_sample_passes_labels_and_guidance_to_the_network():
 
 def test_ranks_read_one_stream_in_turn(monkeypatch):
     """Rank 0 draws f = 4 and rank 1 f = 1 (the all_gather is simulated): with 2 micro-batches,
-    rank 0 reads micro-batches 0..7 of the stream and rank 1 reads 8 and 9, and nimg counts
+    rank 0 reads images 0..31 of the stream and rank 1 images 32..39, and nimg counts
     both ranks' crops; the next step starts after them."""
     args = tiny_args("--accumulation_iters", "2")
     reads = {}
@@ -485,10 +487,11 @@ def test_ranks_read_one_stream_in_turn(monkeypatch):
         monkeypatch.setattr(pd.dist, "all_gather", lambda out, t: [
             o.fill_(v) for o, v in zip(out, (4, 1))])
         real = ddpm.batch_indices
-        monkeypatch.setattr(pd, "batch_indices", lambda k, *a: ks.append(k) or real(k, *a))
+        monkeypatch.setattr(pd, "batch_indices", lambda start, n, size, *a: ks.append(
+            (start, size)) or real(start, n, size, *a))
         pd.train_step(run, random_images(), None, args)
         reads[rank] = (ks, run.nimg)
-    assert reads[0] == (list(range(8)), 40) and reads[1] == ([8, 9], 40)
+    assert reads[0] == ([(0, 16), (16, 16)], 40) and reads[1] == ([(32, 4), (36, 4)], 40)
 
 
 def test_torchrun_ddp_counts_the_crops_of_every_rank(tiny, tmp_path):
