@@ -351,8 +351,10 @@ def draw_patch_factor(args, done):
     rank its own, as the original, but one per optimizer step (the original draws one per
     accumulation round). --progressive instead takes the first factor whose cumulative
     probability reaches `done`, the fraction of the crops seen (the original's curriculum: at
-    p = 0.5, R/4 for the first 20 %, R/2 until 50 %, then R); a factor of probability 0 is never
-    taken (the original's test takes R/4 at the first step even at p = 1)."""
+    p = 0.5, R/4 for the first 20 %, R/2 until 50 %, then R), or of the steps when --max_steps
+    ends the run first (fraction_done; the original has no step limit), so that the last steps
+    train on whole images; a factor of probability 0 is never taken (the original's test takes
+    R/4 at the first step even at p = 1)."""
     probabilities = patch_probabilities(args.real_p)
     if args.progressive:
         cumulative = itertools.accumulate(probabilities)
@@ -604,10 +606,12 @@ def heun_sampler(denoise, latents, sigmas, S_churn=0.0, S_min=0.0, S_max=float("
     """EDM's Algorithm 2: the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma from
     x = sigma_0 latents to sigma_N = 0, in float64. Step i: with churn (S_min <= sigma_i <= S_max)
     sigma_hat = sigma_i (1 + gamma), gamma = min(S_churn / N, sqrt(2) - 1), and x gains noise of
-    variance sigma_hat^2 - sigma_i^2 (times S_noise^2; from noise_fn, standard normal); an Euler
-    step to sigma_{i+1}, then, on every step but the last, Heun's correction with the slope there:
-    N steps, 2N - 1 calls of denoise(x, sigma). second_order=False: Euler, N calls. `trajectory`
-    (a list) receives x about 25 times."""
+    variance sigma_hat^2 - sigma_i^2 (times S_noise^2; from noise_fn, standard normal, drawn on
+    churned steps only: EDM draws on every step, so with an S_min..S_max window a seed gives
+    other samples than EDM's, from the same distribution); an Euler step to sigma_{i+1}, then,
+    on every step but the last, Heun's correction with the slope there: N steps, 2N - 1 calls of
+    denoise(x, sigma). second_order=False: Euler, N calls. `trajectory` (a list) receives x
+    about 25 times."""
     num_steps, every = len(sigmas) - 1, max(1, (len(sigmas) - 1) // 25)
     noise_fn = noise_fn or (lambda: torch.randn_like(latents))
     x = latents.double() * sigmas[0]
@@ -1209,7 +1213,7 @@ def train_step(run, images, labels, args):
     reads what ddpm.py reads. With --ema_halflife_kimg the EMA decay of the step is EDM's,
     beta = 0.5 ** (crops / half-life), the half-life ramped up to EMA_RAMPUP x nimg. Returns
     the loss."""
-    f = draw_patch_factor(args, run.nimg / (1000 * args.max_kimg) if args.max_kimg else 0.0)
+    f = draw_patch_factor(args, fraction_done(run, args))
     factors = [f]
     if run.world > 1:                                               # every rank draws its own f
         factors = [torch.zeros((), dtype=torch.long, device=run.device) for _ in range(run.world)]
@@ -1387,15 +1391,16 @@ def train(args, ckpt=None):
 # counted in crops, EMA half-life 0.5 Mimg, real_p 0.5, no gradient clipping (EDM has none);
 # the U-Net closest to DDPM++: 128 channels, multipliers 1,2,2,2, 4 blocks per level, attention
 # at 16 (64 channels per head); sampling with 50 deterministic Heun steps. max_steps lies beyond
-# the about 411k steps that 200 Mimg take at real_p 0.5 (256 x 1.9 crops a step): kimg ends it.
+# the steps that 200 Mimg take at real_p 0.5, about 411k drawn at random (256 x 1.9 crops a step)
+# and 547k with --progressive (40, 60, 100 Mimg at 1024, 512, 256 crops): kimg ends the run.
 PRESETS = {
     "quick": {},
     "paper": dict(image_size="64", base_channels=128, channel_mults="1,2,2,2", num_res_blocks=4,
                   attention_resolutions="16", num_heads=4, dropout=0.05, hflip=False,
                   batch_size=256, lr=2e-4, lr_schedule="constant", warmup_steps=0,
-                  warmup_kimg=10_000, max_kimg=200_000, max_steps=420_000,
+                  warmup_kimg=10_000, max_kimg=200_000, max_steps=550_000,
                   ema_halflife_kimg=500, ema_start=0, grad_clip=0.0, real_p=0.5,
-                  formulation="edm", sampler="heun", sampling_steps=50, save_every=10_000,
+                  formulation="edm", sampling_steps=50, save_every=10_000,
                   sample_every=10_000),
 }
 
@@ -1609,8 +1614,10 @@ def check_shared_args(args):
     return args
 
 
-# ddpm.py's flags of the diffusion process, which only --formulation ddpm uses.
+# ddpm.py's flags of the diffusion process, which only --formulation ddpm uses, and EDM's sampler
+# flags, which only --formulation edm uses.
 DDPM_ONLY = ("schedule", "timesteps", "prediction", "min_snr_gamma", "loss", "variance", "eta")
+EDM_ONLY = ("S_churn", "S_min", "S_max", "S_noise")
 
 
 def check_args(args):
@@ -1629,15 +1636,22 @@ def check_args(args):
     if ch % factor or cw % factor:
         raise UserError(f"--image_size {ch}x{cw} is not divisible by the U-Net's downsampling "
                         f"factor {factor}")
+    timesteps = args.timesteps                  # EDM's noise levels are not among --timesteps:
+    if args.formulation == "edm":               # its step counts have no such bound
+        args.timesteps = max(timesteps, args.sampling_steps, args.preview_steps)
     check_shared_args(args)
+    args.timesteps = timesteps
+    if not args.S_min <= args.S_max:
+        raise UserError(f"--S_min {args.S_min} is above --S_max {args.S_max}: no step would churn")
     if args.progressive and not args.max_kimg:
         raise UserError("--progressive switches sizes at fractions of the crops seen: give "
                         "--max_kimg (the length of training in thousands of crops)")
-    defaults = build_parser()
-    ddpm_only = [k for k in DDPM_ONLY if getattr(args, k) != defaults.get_default(k)]
-    if args.formulation == "edm" and ddpm_only:
-        raise UserError(f"--{ddpm_only[0]} is a flag of ddpm.py's process: it applies with "
-                        f"--formulation ddpm (EDM has its own noise levels and loss)")
+    defaults, edm = build_parser(), args.formulation == "edm"
+    foreign = [k for k in (DDPM_ONLY if edm else EDM_ONLY)
+               if getattr(args, k) != defaults.get_default(k)]
+    if foreign:
+        raise UserError(f"--{foreign[0]} applies with --formulation {'ddpm' if edm else 'edm'} "
+                        f"only (each has its own noise levels, loss and sampler)")
     native = {"edm": ("heun", "euler"), "ddpm": ("ddim", "ddpm")}[args.formulation]
     if args.sampler == "auto":
         args.sampler = native[0]

@@ -506,6 +506,31 @@ def test_torchrun_ddp_counts_the_crops_of_every_rank(tiny, tmp_path):
     assert ckpt["nimg"] == expected
 
 
+def test_paper_preset_and_step_counts_under_both_formulations():
+    """The paper preset's sampler is each formulation's own (it named heun, which refused
+    --formulation ddpm), and EDM's step counts are not bounded by ddpm.py's --timesteps (which
+    EDM refuses to change)."""
+    assert pd.parse_args(["--preset", "paper"]).sampler == "heun"
+    assert pd.parse_args(["--preset", "paper", "--formulation", "ddpm"]).sampler == "ddim"
+    args = pd.parse_args([*TINY, "--sampling_steps", "1500", "--preview_steps", "1200"])
+    assert (args.sampling_steps, args.preview_steps, args.timesteps) == (1500, 1200, 1000)
+    with pytest.raises(pd.UserError):
+        pd.parse_args([*TINY, "--formulation", "ddpm", "--sampling_steps", "1500"])
+
+
+def test_progressive_reaches_whole_images_when_max_steps_ends_training_first(monkeypatch):
+    """--max_kimg far beyond 4 steps: the sizes follow the steps done (0, 1/4, 2/4, 3/4 of
+    --max_steps at real_p 0.5: R/4, R/2, R/2, R), so the last step trains on whole images."""
+    args = tiny_args("--progressive", "--max_kimg", "1000", "--max_steps", "4")
+    run, drawn = pd.build_run(args, None, CPU, 0, 1), []
+    real = pd.random_crops
+    monkeypatch.setattr(pd, "random_crops", lambda x, f: drawn.append(f) or real(x, f))
+    while not pd.finished(run, args):
+        pd.train_step(run, random_images(), None, args)
+        pd.optimizer_step(run, args)
+    assert drawn == [4, 2, 2, 1]
+
+
 def test_full_images_only_need_the_unets_divisibility():
     """--real_p 1 never draws quarter crops, so a size divisible only by the U-Net's factor (2
     here) is accepted; any p < 1 draws them and refuses it."""
@@ -524,7 +549,11 @@ def test_full_images_only_need_the_unets_divisibility():
     ["--progressive"],
     ["--schedule", "linear"],
     ["--eta", "0.5"],
+    ["--formulation", "ddpm", "--S_churn", "10"],
+    ["--S_min", "2", "--S_max", "1"],
+    ["--S_max", "nan"],
 ], ids=["real_p_high", "real_p_low", "not_by_4x_factor", "ddim_with_edm", "heun_with_ddpm",
-        "max_kimg", "progressive_without_max_kimg", "schedule_with_edm", "eta_with_edm"])
+        "max_kimg", "progressive_without_max_kimg", "schedule_with_edm", "eta_with_edm",
+        "churn_with_ddpm", "s_min_above_s_max", "s_max_nan"])
 def test_bad_flags_exit_2_before_any_work(tmp_path, capsys, flags):
     testing_utils.assert_refused_before_any_work(pd, [*TINY, *flags], tmp_path, capsys)
