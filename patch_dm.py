@@ -116,7 +116,7 @@ from tqdm import tqdm
 import kernels
 
 METHOD = "patch_dm"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4                      # 3: the latent MLP's conditioning had `width` channels
 
 
 # Copied from ddpm.UserError
@@ -380,12 +380,13 @@ class PatchUNet(CodeUNet):
         self.patch_size, self.collage = patch_size, collage
 
     def embed(self, t, rows, cols, z, use_position):
-        """Per patch: (P,) t, rows, cols, use_position (0 drops it) and (P, 512) codes -> the
+        """Per patch: (P,) t, rows, cols, use_position (0 zeroes the sinusoids, as the original:
+        the null position is the learned position_mlp(0)) and (P, 512) codes -> the
         conditioning (P, 8 base_channels + 512)."""
         time = self.time_mlp(timestep_embedding(t, self.base_channels))
         where = torch.cat([timestep_embedding(rows, POSITION_DIM),
                            timestep_embedding(cols, POSITION_DIM)], dim=1)    # (P, 128)
-        return torch.cat([time, self.position_mlp(where) * use_position[:, None], z], dim=1)
+        return torch.cat([time, self.position_mlp(where * use_position[:, None]), z], dim=1)
 
     def encode(self, x, emb):
         """Patches -> [the input conv's and every encoder level's output (the skips), and the
@@ -441,28 +442,33 @@ class PatchUNet(CodeUNet):
 class LatentMLP(nn.Module):
     """The latent model (DiffAE's MLPSkipNet, as Patch-DM trains it on its codes): eps_theta(z_t,
     t) for codes z. `layers` linear layers of `width`; each but the last is
-    h = SiLU(LayerNorm(Linear(h) (1 + Linear(e)))), e = MLP(sinusoid(t)); every layer from the
-    second on, the last (to 512) too, takes the input code again, concatenated to h. Through
-    that skip the last layer can pass z_t on as it is, which at high noise is eps; without it
-    a width under 512 cannot. `trained` is 1 once the latent phase has begun."""
+    h = SiLU(LayerNorm(Linear(h) (1 + Linear(SiLU(e))))), e = MLP(sinusoid(t)) of 512 channels;
+    every layer from the second on, the last (to 512) too, takes the input code again,
+    concatenated to h. Through that skip the last layer can pass z_t on as it is, which at high
+    noise is eps; without it a width under 512 cannot. Kaiming-normal weights, as DiffAE's,
+    except the last layer's (see the departures). `trained` is 1 once the latent phase has
+    begun."""
 
     def __init__(self, width=2048, layers=10, time_dim=64):
         super().__init__()
         self.time_dim = time_dim
-        self.time_mlp = nn.Sequential(nn.Linear(time_dim, width), nn.SiLU(),
-                                      nn.Linear(width, width))
+        self.time_mlp = nn.Sequential(nn.Linear(time_dim, CODE_DIM), nn.SiLU(),
+                                      nn.Linear(CODE_DIM, CODE_DIM))
         inputs = [CODE_DIM] + [width + CODE_DIM] * (layers - 1)
         outputs = [width] * (layers - 1) + [CODE_DIM]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(inputs, outputs))
-        with torch.no_grad():                  # the last layer starts as eps_theta = z_t
-            self.layers[-1].weight.zero_()[:, width:] = torch.eye(CODE_DIM)
-            self.layers[-1].bias.zero_()
-        self.conds = nn.ModuleList(nn.Linear(width, width) for _ in range(layers - 1))
+        self.conds = nn.ModuleList(nn.Sequential(nn.SiLU(), nn.Linear(CODE_DIM, width))
+                                   for _ in range(layers - 1))
         self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(layers - 1))
+        with torch.no_grad():
+            for layer in [*self.layers[:-1], *(cond[1] for cond in self.conds)]:
+                nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+            self.layers[-1].weight.zero_()[:, width:] = torch.eye(CODE_DIM)   # eps_theta = z_t
+            self.layers[-1].bias.zero_()
         self.register_buffer("trained", torch.zeros((), dtype=torch.long))
 
     def forward(self, z, t, y=None):
-        e = self.time_mlp(timestep_embedding(t, self.time_dim))
+        e = self.time_mlp(timestep_embedding(t, self.time_dim))    # (B, 512)
         h = z
         for i, (layer, cond, norm) in enumerate(zip(self.layers, self.conds, self.norms)):
             h = layer(h if i == 0 else torch.cat([h, z], dim=1))   # (B, width [+ 512])
@@ -677,7 +683,8 @@ class PatchDiffusion(GaussianDiffusion):
         Loss: the error of the collaged prediction on the block's centre, the image-grid patch
         (top, left) at position (top + 0.5, left + 0.5), plus the error of the plain decoder
         pass on the four patches, masked to the pixels inside the image and averaged over all
-        (as the original: an edge block's term is smaller)."""
+        (as the original: an edge block's term is smaller). With --no_collage (not in the
+        original) the centre prediction is a crop of the plain pass: its pixels count twice."""
         p, b = self.patch_size, x0.shape[0]
         top, left = draw_blocks(b, x0.shape[2] // p, x0.shape[3] // p, x0.device)
         padded = pad_to_grid(torch.cat([x0, torch.ones_like(x0[:, :1])], dim=1), p)
@@ -754,8 +761,8 @@ def tiles(rows, cols, patch_batch):
 
 def guided_noise(unet, window, t, z, top, left, guidance_scale, chunk):
     """The prediction for a window's image-grid patches; with guidance (Ho & Salimans Eq. 6, s =
-    1 + w) out_u + s (out_c - out_u), out_u with the code and the position zeroed (the
-    original's unconditional branch)."""
+    1 + w) out_u + s (out_c - out_u), out_u with the code and the position dropped, as in
+    training (the original's unconditional branch)."""
     ones = torch.ones(len(t), device=window.device)
     top, left = (torch.full_like(t, v) for v in (top, left))
     out = unet(window, t, z, top, left, ones, chunk=chunk).float()
@@ -889,6 +896,7 @@ def check_labels(args):
 
 def sample_main(args, ckpt):
     """--sample: 00000.png, ... and grid.png (and trajectory.gif) in --output_dir."""
+    args.cfg = ckpt["args"]["cfg"]                  # how the model was trained, not a choice now
     check_labels(args)
     kernels.set_backend(args.kernels)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -1406,7 +1414,13 @@ def build_shared_run(args, ckpt, device, rank, world):
 def build_run(args, ckpt, device, rank, world):
     """ddpm.py's run of both networks (one AdamW holds them both: a frozen network has no
     gradients, so it does not move), with the code table of a new run set by thumbnail_codes
-    in the model and in its EMA (rank 0's table on every rank)."""
+    in the model and in its EMA (rank 0's table on every rank). A run in its latent phase keeps
+    its --max_steps: more U-Net steps would move the codes its latent model has learned."""
+    trained = ckpt is not None and bool(ckpt["model"]["latent.trained"])
+    if trained and args.max_steps != ckpt["args"]["max_steps"]:
+        raise UserError(f"{args.resume} is in the latent phase, after --max_steps "
+                        f"{ckpt['args']['max_steps']}: --max_steps cannot change now (its latent "
+                        f"model learned these codes); --latent_steps can")
     run = build_shared_run(args, ckpt, device, rank, world)
     if ckpt is None:
         images = load_images(args, 1, log=lambda *a, **k: None)[0]    # (rank 1: no warnings,
@@ -1637,8 +1651,9 @@ def train(args, ckpt=None):
 # `--preset paper`: the original's nature 512 x 1024 configuration: 64 x 64 patches, base 64,
 # multipliers 1,2,4,8, 2 encoder and 3 decoder ResBlocks per level, attention at 16 with one head,
 # dropout 0.1, batch 96, Adam 1e-4 constant, gradient clip 1, EMA 0.9999, fp16, the linear
-# schedule with T = 1000 and eps prediction, no flips; the latent MLP of 10 layers of 2048 with
-# batch 512, AdamW 1e-4 and weight decay 0.01 for 60M codes (117k steps); DDIM with 50 steps.
+# schedule with T = 1000, eps prediction and the fixed large variance (for --sampler ddpm), no
+# flips; the latent MLP of 10 layers of 2048 with batch 512, AdamW 1e-4 and weight decay 0.01
+# for 60M codes (117k steps); DDIM with 50 steps.
 # The step count of the patch phase is not in the notes on the original: 1M is ours.
 PRESETS = {
     "quick": {},
@@ -1646,7 +1661,8 @@ PRESETS = {
                   channel_mults="1,2,4,8", num_res_blocks=2, attention_resolutions="16",
                   num_heads=1, dropout=0.1, batch_size=96, lr=1e-4, lr_schedule="constant",
                   warmup_steps=0, grad_clip=1.0, ema_decay=0.9999, ema_start=0,
-                  precision="fp16", schedule="linear", prediction="eps", max_steps=1_000_000,
+                  precision="fp16", schedule="linear", prediction="eps", variance="large",
+                  max_steps=1_000_000,
                   latent_steps=117_000, latent_batch_size=512, latent_lr=1e-4,
                   latent_width=2048, latent_layers=10, preview_size="512x1024",
                   save_every=10_000, sample_every=10_000),
@@ -1811,7 +1827,7 @@ def build_parser():
     g("patch_size", 16, "p: the U-Net's input; image sizes are multiples of it", type=pos)
     g("collage", True, "feature collage (--no_collage: independent patches, Fig. 2 (a))")
     g("cfg", False, "drop the code (p 0.1) and the position (p 0.5) in training, for "
-      "--guidance_scale")
+      "--guidance_scale (the original samples such a model at 1.5)")
     g("patch_batch", 0, "most patches per network pass in sampling (0: the whole image at once)",
       type=nonneg)
     g("code_from", None, "sample with this training image's code (default: the latent model's)",

@@ -193,7 +193,8 @@ def test_the_code_enters_the_resblock_as_stated():
 
 def test_guidance_zeroes_code_and_position_only_in_the_unconditional_branch():
     """Two passes: the conditional one with the code and position, the unconditional one with
-    both zero; the result is out_u + s (out_c - out_u). And position 0 zeroes the embedding."""
+    both zero; the result is out_u + s (out_c - out_u). And a dropped position embeds as the
+    original's null position: the position MLP of zero sinusoids."""
     calls = []
 
     def net(window, t, z, top, left, use, chunk):
@@ -211,7 +212,8 @@ def test_guidance_zeroes_code_and_position_only_in_the_unconditional_branch():
     emb = model.unet.embed(torch.tensor([3, 3]), torch.tensor([1.0, 1.0]), torch.tensor([2.0, 2.0]),
                            torch.zeros(2, 512), torch.tensor([1.0, 0.0]))
     position = emb[:, 32:64]                                        # [time, position, code]
-    assert position[0].abs().sum() > 0 and not position[1].any()
+    null = model.unet.position_mlp(torch.zeros(1, 2 * pdm.POSITION_DIM))[0]
+    assert torch.allclose(position[1], null, atol=1e-6) and not torch.allclose(position[0], null)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -268,6 +270,29 @@ def test_thumbnail_codes_keep_the_distances_of_the_thumbnails():
     ratio = torch.cdist(codes, codes)[~torch.eye(10, dtype=bool)] / \
         torch.cdist(thumbs, thumbs)[~torch.eye(10, dtype=bool)]
     assert torch.allclose(ratio, ratio.mean().expand_as(ratio), rtol=1e-4)
+
+
+def test_latent_mlp_is_diffaes_mlpskipnet():
+    """eps_theta(z, t) against DiffAE's MLPSkipNet written out in float64 with the same (random)
+    weights: e = MLP(sinusoid(t)) of 512 channels, hidden layers SiLU(LN(W h (1 + W_c SiLU(e)))),
+    the input code concatenated from the second layer on; at the paper's 10 x 2048 it has
+    DiffAE's parameter count."""
+    net = randomize(pdm.LatentMLP(width=16, layers=3), 0)
+    z, t = torch.randn(4, 512), torch.tensor([0, 10, 500, 999])
+    f64 = lambda module: [p.double() for p in module.parameters()]
+    e = pdm.timestep_embedding(t, 64).double()
+    e = F.linear(F.silu(F.linear(e, *f64(net.time_mlp[0]))), *f64(net.time_mlp[2]))
+    h = z.double()
+    for i in range(2):
+        h = F.linear(h if i == 0 else torch.cat([h, z.double()], 1), *f64(net.layers[i]))
+        h = h * (1 + F.linear(F.silu(e), *f64(net.conds[i][1])))
+        h = F.silu(F.layer_norm(h, (16,), *f64(net.norms[i])))
+    expected = F.linear(torch.cat([h, z.double()], 1), *f64(net.layers[2]))
+    assert torch.allclose(net(z, t).double(), expected, atol=1e-4, rtol=1e-5)
+    w, n = 2048, 10
+    diffae = (64 * 512 + 512 + 512 * 512 + 512) + (512 * w + w) + (n - 2) * ((w + 512) * w + w) \
+        + ((w + 512) * 512 + 512) + (n - 1) * (512 * w + w) + (n - 1) * 2 * w
+    assert sum(p.numel() for p in pdm.LatentMLP(w, n).parameters()) == diffae == 54_109_696
 
 
 def test_latent_model_learns_two_clusters():
@@ -371,6 +396,12 @@ def test_resume_is_exact_in_both_phases(tiny, tmp_path):
     groups = [ckpt["optimizer"]["param_groups"][0] for ckpt in (two, last)]
     assert [g["weight_decay"] for g in groups] == [0.0, 0.01]
     assert [g["lr"] for g in groups] == pytest.approx([5e-4, 5e-4])  # from step 2 on
+    # In the latent phase (step 3) --max_steps is refused: the latent model learned the codes;
+    # at step 2, before it, more U-Net steps are fine.
+    for start, code in ((3, 2), (2, 0)):
+        assert pdm.main(common + ["--output_dir", str(tmp_path / f"longer{start}"), "--max_steps",
+                                  "3", "--resume",
+                                  str(full / "checkpoints" / f"step_{start}.pt")]) == code
 
 
 def randomised(path):
@@ -388,7 +419,7 @@ def test_train_and_sample_any_size(tiny, tmp_path, capsys):
     """A run of both phases writes previews 4 times as wide as its images; --sample draws at the
     training size, at a larger one (with --patch_batch), from a training image's code, and the
     same images whatever --batch_size; its flags reach the sampler; a GIF; a size that is not a
-    multiple of p, a code out of range and guidance without --cfg exit 2."""
+    multiple of p, a code out of range and guidance without --cfg (given now or not) exit 2."""
     out = testing_utils.train_run(pdm, tiny, tmp_path, "run", "--latent_steps", "2")
     with open(os.path.join(out, "args.json")) as f:
         assert json.load(f)["num_images"] == 6
@@ -405,7 +436,8 @@ def test_train_and_sample_any_size(tiny, tmp_path, capsys):
                         "raw": ["--weights", "model"], "code": ["--code_from", "5"]}.items():
         testing_utils.assert_flags_change_the_samples(pdm, checkpoint, tmp_path / name, flags)
     testing_utils.assert_saves_gif(pdm, checkpoint, tmp_path)
-    for flags in (["--image_size", "20x24"], ["--code_from", "6"], ["--guidance_scale", "2"]):
+    for flags in (["--image_size", "20x24"], ["--code_from", "6"], ["--guidance_scale", "2"],
+                  ["--guidance_scale", "2", "--cfg"]):
         assert_user_error(pdm, *run_main(pdm, ["--sample", "--checkpoint", checkpoint,
                                                "--output_dir", tmp_path / "bad", *flags],
                                          capsys)[::2])
