@@ -1067,9 +1067,10 @@ class EMA:
 
 def lr_lambda(run, args):
     """The LR factor of step `run.step`: a linear ramp over --warmup_steps steps and one over
-    --warmup_kimg thousand crops (EDM's lr_rampup, counted in crops as the paper), whichever ends
-    later; then constant (EDM), or a cosine decay over the fraction of training done, counted
-    from step 0 (ddpm.py's starts after the warmup), and never above the ramp."""
+    --warmup_kimg thousand crops (EDM's lr_rampup, counted in crops as the paper; as in EDM the
+    first step, at 0 crops, has LR 0), whichever ends later; then constant (EDM), or a cosine
+    decay over the fraction of training done, counted from step 0 (ddpm.py's starts after the
+    warmup), and never above the ramp."""
     ramp = min(1.0, (run.step + 1) / args.warmup_steps if args.warmup_steps else 1.0,
                run.nimg / (1000 * args.warmup_kimg) if args.warmup_kimg else 1.0)
     if args.lr_schedule == "constant":
