@@ -972,10 +972,9 @@ def load_dataset(args, rank=0, log=print):
 
 # Copied from ddpm.batch_indices
 def batch_indices(start, num_images, batch_size, seed, rank=0, world=1):
-    """The images of a rank's micro-batch: positions start + i * world + rank, i < batch_size, of
-    one stream of epochs, epoch e visiting the images in the order of a permutation seeded by
-    (seed, e). `start` counts the images all ranks drew before (run.nimg, then each micro-batch),
-    so a resumed run goes on where the stream stopped, whatever its batch size or processes."""
+    """A rank's micro-batch: positions start + i world + rank (i < batch_size) of a stream whose
+    epoch e is a permutation seeded by (seed, e). `start` counts the images all ranks drew before
+    it, so a resumed run goes on where the stream stopped, whatever its batch size or processes."""
     positions = start + torch.arange(batch_size) * world + rank
     return torch.stack([epoch_order(num_images, seed, int(p) // num_images)[int(p) % num_images]
                         for p in positions])
